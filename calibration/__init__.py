@@ -1,0 +1,127 @@
+"""Calibration and evaluation text: local files or named sets, tokenized and cut into windows.
+
+Named sets (need the ``datasets`` package and access to the Hugging Face hub):
+
+| name        | calibration split                              | evaluation split |
+|-------------|------------------------------------------------|------------------|
+| ``wikitext2`` | wikitext-2-raw-v1 train                      | test             |
+| ``c4``        | allenai/c4 en, train shard 00000-of-01024    | validation shard 00000-of-00008 |
+
+Local files: ``.txt`` (used as is), ``.jsonl`` (the ``text`` field of each line, joined by blank
+lines) and ``.parquet`` (the ``text`` column, likewise).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+NAMED_SETS = {
+    "wikitext2": {
+        "calibration": ("wikitext", "wikitext-2-raw-v1", None, "train"),
+        "evaluation": ("wikitext", "wikitext-2-raw-v1", None, "test"),
+    },
+    "c4": {
+        "calibration": ("allenai/c4", None, "en/c4-train.00000-of-01024.json.gz", "train"),
+        "evaluation": ("allenai/c4", None, "en/c4-validation.00000-of-00008.json.gz", "validation"),
+    },
+}
+
+
+def load_text(source: str, purpose: str = "calibration") -> str:
+    """The text of a local file or of a named set's split for ``purpose`` ('calibration' | 'evaluation')."""
+    path = Path(source)
+    if path.is_file():
+        return _read_file(path)
+    if source in NAMED_SETS:
+        return _load_named(source, purpose)
+    raise QuantkitError(
+        f"text source '{source}' is neither a file nor a named set ({', '.join(NAMED_SETS)}): "
+        "pass a .txt, .jsonl or .parquet file"
+    )
+
+
+def _read_file(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise QuantkitError("reading .parquet needs pyarrow: pip install pyarrow") from None
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise QuantkitError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+        text = "\n\n".join(t for t in table.column("text").to_pylist() if t)
+    else:
+        raw = path.read_bytes()
+        if b"\x00" in raw:
+            raise QuantkitError(f"{path} looks binary (NUL bytes): pass a UTF-8 text file")
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise QuantkitError(f"{path} is not UTF-8 text (byte {e.start}): pass a UTF-8 text file") from None
+        text = _jsonl_text(path, decoded) if suffix == ".jsonl" else decoded
+    if not text.strip():
+        raise QuantkitError(f"{path} holds no text: pass a file with text in it")
+    return text
+
+
+def _jsonl_text(path: Path, decoded: str) -> str:
+    texts = []
+    for lineno, line in enumerate(decoded.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise QuantkitError(f"{path}:{lineno} is not valid JSON: each line must be an object with 'text'") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise QuantkitError(f"{path}:{lineno} has no string 'text' field")
+        texts.append(record["text"])
+    return "\n\n".join(texts)
+
+
+def _load_named(name: str, purpose: str) -> str:
+    repo, config, data_file, split = NAMED_SETS[name][purpose]
+    try:
+        import datasets
+    except ImportError:
+        raise QuantkitError(
+            f"the named set '{name}' needs the datasets package (pip install datasets) and network access; "
+            "or pass a local text file"
+        ) from None
+    try:
+        kwargs = {"data_files": {split: data_file}} if data_file else {}
+        data = datasets.load_dataset(repo, config, split=split, **kwargs)
+    except Exception as e:  # datasets raises many types for network and hub failures
+        raise QuantkitError(
+            f"could not load the named set '{name}' ({type(e).__name__}): it needs the Hugging Face hub; "
+            "pass a local text file instead"
+        ) from None
+    return "\n\n".join(t for t in data["text"] if t.strip())
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids [T] of the whole text (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows [nsamples, seqlen] starting at seeded random offsets of tokens [T].
+
+    Fewer than ``seqlen`` tokens is an error. When nsamples·seqlen exceeds T the windows overlap
+    (as in the GPTQ reference); the caller logs that."""
+    total = tokens.numel()
+    if total < seqlen + 1:
+        raise QuantkitError(
+            f"calibration text has {total} tokens, fewer than one window of --seqlen {seqlen}: "
+            "pass more text or a smaller --seqlen"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - seqlen, (nsamples,), generator=gen)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])

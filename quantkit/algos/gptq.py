@@ -1,0 +1,131 @@
+"""GPTQ (Frantar et al., 2022): column-by-column quantization with error feedback through H⁻¹.
+
+Two verbs, as in the reference solver: ``Hessian.add_batch`` accumulates H = (2/n) Σ_t r_t x_t x_tᵀ
+over calibration tokens (r_t = token importance, 1 for plain GPTQ), ``gptq_quantize`` solves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.algos.quantizer import Grid, QuantizedWeight
+
+
+class CholeskyError(RuntimeError):
+    """H + damping stayed non positive definite after every retry."""
+
+
+class Hessian:
+    """Running sum Σ_t r_t x_t x_tᵀ [K, K] (fp32) and token count n; ``value`` = 2·sum / n."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> None:
+        """x [..., K] activations; importance [...] (same leading shape) weights each token's outer product."""
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)
+        if importance is not None:
+            x = x * importance.reshape(-1, 1).to(x.device, torch.float32).sqrt()
+        self.sum.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.tokens, 1))
+
+
+@dataclass
+class GPTQResult:
+    """weight: the quantized weight; dequantized: W [N, K] exactly as the solver used it;
+    loss: Σ (w − q)² / (2 d²) over columns; damp: the damping that made H positive definite."""
+
+    weight: QuantizedWeight
+    dequantized: torch.Tensor
+    loss: float
+    damp: float
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); damp ×10 on each failure.
+
+    Returns (U [K, K], damp actually used). Raises CholeskyError when every retry fails."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, damp
+        damp *= 10
+    raise CholeskyError(f"Hessian not positive definite even with damp {damp / 10:g}")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    grid: Grid,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> GPTQResult:
+    """Quantize w [N, K] minimising tr((W − Q) H (W − Q)ᵀ) for H [K, K].
+
+    act_order visits columns by decreasing diag(H) with *static groups*: each group's scale and
+    zero are fitted on the original weights of its (unpermuted) columns, so the checkpoint needs
+    no g_idx reordering."""
+    W = w.detach().to(torch.float32).clone()
+    H = H.to(torch.float32).clone()
+    n, k = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    gsize = k if grid.group_size == -1 else grid.group_size
+    ngroups = k // gsize
+    scales = torch.zeros(n, ngroups, device=W.device)
+    zeros = torch.zeros(n, ngroups, device=W.device)
+    if act_order:
+        for g in range(ngroups):
+            scales[:, g], zeros[:, g] = grid.fit(W[:, g * gsize : (g + 1) * gsize])
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(k, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp_used = inverse_cholesky(H, damp)
+
+    codes = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(n, device=W.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // gsize
+            if not act_order and col % gsize == 0:
+                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gsize]
+                scales[:, g], zeros[:, g] = grid.fit(upcoming)
+            wcol, d = W1[:, i], Hinv1[i, i]
+            q = grid.quantize(wcol[:, None], scales[:, g], zeros[:, g])[:, 0]
+            dq = scales[:, g] * (q - zeros[:, g])
+            codes[:, i1 + i] = q
+            Q[:, i1 + i] = dq
+            losses += (wcol - dq) ** 2 / d**2 / 2
+            err = (wcol - dq) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inverse = torch.argsort(perm)
+    g_idx = (torch.arange(k, device=W.device) // gsize).int()
+    loss = losses.sum().item()
+    if not math.isfinite(loss):
+        raise CholeskyError("GPTQ produced non-finite weights")
+    weight = QuantizedWeight(codes[:, inverse], scales, zeros, g_idx, grid.bits, gsize)
+    return GPTQResult(weight, Q[:, inverse], loss, damp_used)

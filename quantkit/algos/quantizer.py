@@ -1,0 +1,88 @@
+"""The uniform integer grid: per-group scale and zero point, quantize, dequantize.
+
+A weight w in a group with scale s and zero z is stored as the code q = clamp(round(w/s) + z, 0, 2^b − 1)
+and read back as s·(q − z). Symmetric grids fix z = 2^(b−1) (the GPTQ convention); asymmetric
+grids fit [min(w, 0), max(w, 0)] onto [0, 2^b − 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Grid:
+    """bits ∈ {2, 3, 4, 8}; group_size = columns sharing a scale (-1 = whole row); sym; min_zero = lowest
+    allowed zero point (1 for GPTQ v1 checkpoints, which store zero − 1 in b bits)."""
+
+    bits: int
+    group_size: int = 128
+    sym: bool = True
+    min_zero: int = 0
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def fit(self, w: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero for rows of w [N, C] (one group per row): ([N], [N]), zero integral.
+
+        ``shrink`` ≤ 1 narrows the range (clip search)."""
+        wmin = w.min(dim=1).values.clamp(max=0) * shrink
+        wmax = w.max(dim=1).values.clamp(min=0) * shrink
+        if self.sym:
+            wmax = torch.maximum(-wmin, wmax)
+            wmin = -wmax
+        flat = wmax == wmin
+        wmin, wmax = torch.where(flat, -1.0, wmin), torch.where(flat, 1.0, wmax)
+        scale = (wmax - wmin) / self.maxq
+        if self.sym:
+            zero = torch.full_like(scale, (self.maxq + 1) // 2)
+        else:
+            zero = torch.round(-wmin / scale).clamp(self.min_zero, self.maxq)
+        return scale, zero
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Integer codes of w [N, C] with per-row scale/zero [N] (or broadcastable [N, C])."""
+        if scale.dim() == 1:
+            scale, zero = scale[:, None], zero[:, None]
+        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+
+    def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Round w [N, C] to the grid and return it dequantized (same shape and dtype)."""
+        if scale.dim() == 1:
+            scale, zero = scale[:, None], zero[:, None]
+        return scale * (self.quantize(w, scale, zero) - zero)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized Linear weight: codes [N, K] (ints as float or int), scales/zeros [N, K/G], g_idx [K]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        """W [N, K] in the scales' dtype."""
+        g = self.g_idx.long()
+        return self.scales[:, g] * (self.codes.to(self.scales.dtype) - self.zeros[:, g])
+
+
+def rtn_quantize(w: torch.Tensor, grid: Grid) -> QuantizedWeight:
+    """Round-to-nearest: w [N, K] -> QuantizedWeight on ``grid`` (K divisible by the group size)."""
+    n, k = w.shape
+    g = grid.group_size if grid.group_size != -1 else k
+    blocks = w.float().reshape(n * (k // g), g)
+    scale, zero = grid.fit(blocks)
+    codes = grid.quantize(blocks, scale, zero).reshape(n, k)
+    g_idx = torch.arange(k, device=w.device) // g
+    return QuantizedWeight(codes, scale.reshape(n, -1), zero.reshape(n, -1), g_idx.int(), grid.bits, g)

@@ -1,0 +1,33 @@
+"""Perplexity over non-overlapping windows (the GPTQ-paper protocol)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.progress import console
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, show_progress: bool = False) -> tuple[float, int]:
+    """exp(mean NLL) of tokens [T] cut into ⌊T/seqlen⌋ windows of seqlen; each window predicts
+    its own tokens 2..seqlen. Returns (perplexity, number of tokens evaluated)."""
+    windows = tokens.numel() // seqlen
+    if windows == 0:
+        raise QuantkitError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}")
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for w in range(windows):
+        ids = tokens[w * seqlen : (w + 1) * seqlen].to(device)[None]
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += seqlen - 1
+        if show_progress:
+            console.print(f"window {w + 1}/{windows}  running ppl {math.exp(nll / count):.4f}", end="\r")
+    if show_progress:
+        console.print()
+    return math.exp(nll / count), windows * seqlen

@@ -1,0 +1,88 @@
+"""Export: the per-format packers behind one writer that streams layers into safetensors shards."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.algos.quantizer import QuantizedWeight
+from quantkit.export import gptq
+from quantkit.export.writer import ShardWriter, write_json
+from quantkit.model import Adapter
+from quantkit.recipe import Recipe
+
+FORMATS = {"gptq": gptq}
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+class Exporter:
+    """Collects a quantized model layer by layer into ``folder`` (a temporary export folder)."""
+
+    def __init__(self, folder: Path, recipe: Recipe, max_shard_bytes: int = 4 * 2**30) -> None:
+        self.folder = folder
+        self.recipe = recipe
+        self.format = FORMATS[recipe.export_format]
+        self.writer = ShardWriter(folder, max_shard_bytes)
+
+    def add_layer(self, prefix: str, layer: nn.Module, results: dict[str, QuantizedWeight]) -> None:
+        """Write decoder layer ``prefix`` (e.g. 'model.layers.3'): packed Linears, other tensors as is."""
+        tensors = {}
+        for name, t in layer.state_dict().items():
+            module, _, leaf = name.rpartition(".")
+            if not (leaf == "weight" and module in results):
+                tensors[f"{prefix}.{name}"] = t
+        for name, q in results.items():
+            tensors.update(self.format.pack_linear(f"{prefix}.{name}", q))
+        self.writer.add(tensors)
+
+    def finish(self, model: nn.Module, adapter: Adapter, source: str | None, tokenizer, manifest: dict) -> None:
+        """Write the tensors outside the decoder layers, config, tokenizer and manifest."""
+        layers_prefix = adapter.layers_path + "."
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        rest = {
+            name: t
+            for name, t in model.state_dict().items()
+            if not name.startswith(layers_prefix) and not (tied and name == "lm_head.weight")
+        }
+        self.writer.add(rest)
+        self.writer.close()
+        config = model.config.to_dict()
+        config["quantization_config"] = self.format.quantization_config(self.recipe)
+        write_json(self.folder / "config.json", config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.folder)
+        if source and Path(source).is_dir():
+            for name in TOKENIZER_FILES:
+                if (Path(source) / name).is_file() and not (self.folder / name).exists():
+                    shutil.copy2(Path(source) / name, self.folder / name)
+        write_json(self.folder / "quantkit.json", manifest)
+
+
+def manifest(recipe: Recipe, source: str, seconds: float, extra: dict | None = None) -> dict:
+    import transformers
+
+    from quantkit import __version__
+
+    return {
+        "quantkit_version": __version__,
+        "source_model": source,
+        "format": recipe.export_format,
+        "recipe": recipe.to_dict(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "timings": {"quantize_seconds": round(seconds, 3)},
+        **(extra or {}),
+    }

@@ -1,0 +1,69 @@
+"""GPTQ checkpoint format (v1, as AutoGPTQ defined it and transformers/GPTQModel/vLLM read it).
+
+Per Linear (K = in, N = out, b = bits, G = group size, per-channel G = K):
+  qweight int32 [K·b/32, N]   codes packed along K, LSB first (32 codes in b words; see packing)
+  qzeros  int32 [K/G, N·b/32] (zero − 1) packed along N — the v1 convention
+  scales  fp16  [K/G, N]
+  g_idx   int32 [K]           k // G (static groups: no reordering at inference)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit import __version__
+from quantkit.algos.quantizer import QuantizedWeight
+from quantkit.errors import QuantkitError
+from quantkit.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
+from quantkit.recipe import Recipe
+
+
+def pack_linear(prefix: str, q: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors for the Linear at ``prefix`` from its quantized weight."""
+    maxq = 2**q.bits - 1
+    stored_zeros = q.zeros.to(torch.int32) - 1
+    if (stored_zeros < 0).any():
+        raise QuantkitError(
+            f"{prefix}: an asymmetric zero point of 0 cannot be stored in GPTQ v1 (it keeps zero − 1); "
+            "use --format compressed-tensors or --sym"
+        )
+    return {
+        f"{prefix}.qweight": pack_rows(q.codes.t().to(torch.int32), q.bits),
+        f"{prefix}.qzeros": pack_cols((stored_zeros & maxq).t().contiguous(), q.bits),
+        f"{prefix}.scales": q.scales.t().to(torch.float16).contiguous(),
+        f"{prefix}.g_idx": q.g_idx.to(torch.int32),
+    }
+
+
+def read_linear(tensors: dict[str, torch.Tensor], bits: int, v1: bool = True) -> dict[str, torch.Tensor]:
+    """Runtime layout (actual zero points) from a GPTQ Linear's qweight/qzeros/scales/g_idx."""
+    zeros = unpack_cols(tensors["qzeros"], bits)
+    if v1:
+        zeros = (zeros + 1) & (2**bits - 1)
+    k = unpack_rows(tensors["qweight"], bits).shape[0]
+    ngroups = tensors["scales"].shape[0]
+    g_idx = tensors.get("g_idx")
+    if g_idx is None:
+        g_idx = torch.arange(k) // (k // ngroups)
+    return {
+        "qweight": tensors["qweight"],
+        "qzeros": pack_cols(zeros, bits),
+        "scales": tensors["scales"],
+        "g_idx": g_idx.to(torch.int32),
+    }
+
+
+def quantization_config(recipe: Recipe) -> dict:
+    return {
+        "quant_method": "gptq",
+        "bits": recipe.bits,
+        "group_size": recipe.group_size,
+        "desc_act": False,
+        "sym": recipe.sym,
+        "static_groups": recipe.act_order,
+        "true_sequential": True,
+        "damp_percent": recipe.damp,
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"quantkit:{__version__}"], "act_order": recipe.act_order},
+    }

@@ -1,0 +1,134 @@
+"""Model loading and architecture adapters (which modules are decoder layers, norms, Linears)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+
+ATTN_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where things live in a Llama-family model (Llama, Mistral, Qwen2, Qwen3).
+
+    ``sequential`` lists the Linears of one decoder layer in true-sequential order: each group is
+    quantized after the groups before it, so it sees their quantization error in its inputs."""
+
+    name: str
+    sequential: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
+    layers_path: str = "model.layers"
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers_path)
+
+    def linear_names(self) -> list[str]:
+        return [name for group in self.sequential for name in group]
+
+    def embed(self, model: nn.Module) -> nn.Embedding:
+        return model.model.embed_tokens
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        return model.lm_head
+
+    def pre_layer_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules the first decoder layer's inputs are computed with (run on the compute device)."""
+        return [model.model.embed_tokens, model.model.rotary_emb]
+
+
+ADAPTERS = {name: Adapter(name) for name in ("llama", "mistral", "qwen2", "qwen3")}
+
+
+def adapter_for(config) -> Adapter:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise QuantkitError(
+            f"unsupported architecture '{model_type}': quantkit supports {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]
+
+
+def check_model_source(source: str, allow_pickle: bool) -> None:
+    """Refuse a local folder that is missing, holds no weights, or holds only pickle weights."""
+    path = Path(source)
+    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+    if not looks_local:
+        return  # a hub id: transformers resolves it
+    if not path.is_dir():
+        raise QuantkitError(f"model path '{source}' does not exist: pass a local model folder or a hub id")
+    if not (path / "config.json").is_file():
+        raise QuantkitError(f"'{source}' has no config.json: pass a Hugging Face model folder")
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        if not allow_pickle:
+            raise QuantkitError(
+                f"'{source}' has only pickle weights (.bin), which can run code when loaded: "
+                "convert them to safetensors, or pass --allow-pickle if you trust the source"
+            )
+        return
+    raise QuantkitError(f"'{source}' holds no weights (*.safetensors): pass a folder with the model's weights")
+
+
+def load_config(source: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise QuantkitError(f"cannot read the model config of '{source}': {str(e).splitlines()[0]}") from None
+
+
+def load_model(
+    source: str,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """Load (model on CPU, tokenizer, adapter) from a local folder or hub id. ``dtype`` None = checkpoint's."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(source, allow_pickle)
+    config = load_config(source, trust_remote_code)
+    adapter = adapter_for(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype or "auto",
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except (OSError, ValueError) as e:
+        raise QuantkitError(f"cannot load model '{source}': {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, load_tokenizer(source, trust_remote_code), adapter
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise QuantkitError(f"cannot load the tokenizer of '{source}': {str(e).splitlines()[0]}") from None
+
+
+def compute_device(requested: str | None) -> torch.device:
+    """The device layers are quantized on: --device, else CUDA when present, else CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

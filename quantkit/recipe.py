@@ -1,0 +1,90 @@
+"""The recipe: every choice that determines the quantized weights, validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from quantkit.algos.quantizer import Grid
+from quantkit.errors import QuantkitError
+
+BITS = (2, 3, 4, 8)
+METHODS = ("rtn", "gptq")
+FORMATS = ("auto", "gptq", "compressed-tensors", "awq")
+IMPORTANCE = ("uniform", "attncon", "actnorm", "first-last")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    method: str = "gptq"
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    format: str = "auto"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    rotate: bool = False
+    rotation_seed: int = 0
+    importance: str = "uniform"
+    importance_min: float = 0.005
+    importance_max: float = 1.0
+    expand: int = 1
+    awq: bool = False
+    awq_duo: bool = False
+    awq_clip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise QuantkitError(f"--bits {self.bits} is not supported: choose one of {', '.join(map(str, BITS))}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise QuantkitError(f"--group-size {self.group_size}: use -1 (per-channel) or a positive size such as 128")
+        if self.method not in METHODS:
+            raise QuantkitError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.format not in FORMATS:
+            raise QuantkitError(f"--format {self.format}: choose one of {', '.join(FORMATS)}")
+        if self.importance not in IMPORTANCE:
+            raise QuantkitError(f"--importance {self.importance}: choose one of {', '.join(IMPORTANCE)}")
+        if not 0 < self.damp < 10:
+            raise QuantkitError(f"--damp {self.damp}: use a fraction of the mean Hessian diagonal, e.g. 0.01")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise QuantkitError("--nsamples must be ≥ 1 and --seqlen ≥ 2")
+        if self.expand < 1:
+            raise QuantkitError("--expand must be ≥ 1")
+        if not 0 <= self.importance_min <= self.importance_max:
+            raise QuantkitError("--importance-min must lie in [0, --importance-max]")
+        if self.format == "awq" and self.bits != 4:
+            raise QuantkitError(f"--format awq stores 4-bit weights only; --bits {self.bits} needs --format gptq or compressed-tensors")
+
+    @property
+    def export_format(self) -> str:
+        """The concrete format: 'auto' picks GPTQ v1 for symmetric 4/8-bit (loadable everywhere),
+        compressed-tensors otherwise (vLLM loads its 2/3-bit and asymmetric models)."""
+        if self.format != "auto":
+            return self.format
+        return "gptq" if self.sym and self.bits in (4, 8) else "compressed-tensors"
+
+    @property
+    def grid(self) -> Grid:
+        # GPTQ v1 stores zero − 1 in `bits` bits, so an asymmetric zero point of 0 cannot be written.
+        min_zero = 1 if self.export_format == "gptq" and not self.sym else 0
+        return Grid(self.bits, self.group_size, self.sym, min_zero)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Recipe":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def updated(self, **changes) -> "Recipe":
+        return replace(self, **changes)
+
+
+PRESETS = {
+    "gptq": {"method": "gptq", "rotate": False, "importance": "uniform"},
+    "rsq": {"method": "gptq", "rotate": True, "importance": "attncon"},
+}

@@ -1,0 +1,127 @@
+"""Runtime: ``QuantLinear`` and loading an export (ours or another tool's) as a torch model.
+
+Every format is converted once at load time into one runtime layout (see ``quantkit.packing``):
+qweight int32 [K·b/32, N] packed along K, qzeros int32 [K/G, N·b/32] holding the *actual* zero
+points packed along N, scales [K/G, N], g_idx int32 [K].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.packing import dequantize, unpack_cols, unpack_rows
+
+
+class QuantLinear(nn.Module):
+    """y = x Wᵀ + b with W [N, K] stored as ``bits``-bit codes, group scales and zero points."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits = bits
+        self.group_size = in_features if group_size == -1 else group_size
+        groups = in_features // self.group_size
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // self.group_size)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """W [N, K] in fp32."""
+        codes = unpack_rows(self.qweight, self.bits)
+        zeros = unpack_cols(self.qzeros, self.bits)
+        return dequantize(codes, self.scales.float(), zeros, self.g_idx).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors checkpoint in ``folder`` (single file or sharded)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise QuantkitError(f"'{folder}' holds no *.safetensors files")
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                tensors[name] = fh.get_tensor(name)
+    return tensors
+
+
+def quantization_config(folder: Path) -> dict | None:
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("quantization_config")
+
+
+def _runtime_layers(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: runtime tensors} for every quantized Linear, converting from the checkpoint's format."""
+    from quantkit.export import gptq
+
+    method = qc.get("quant_method")
+    if method != "gptq":
+        raise QuantkitError(f"quantization method '{method}' is not supported by quantkit's loader")
+    v1 = qc.get("checkpoint_format", "gptq") == "gptq"
+    layers = {}
+    for name in [n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")]:
+        parts = {leaf: tensors.pop(f"{name}.{leaf}") for leaf in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{leaf}" in tensors}
+        layers[name] = gptq.read_linear(parts, qc["bits"], v1)
+    return layers
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    config = AutoConfig.from_pretrained(folder)
+    qc = quantization_config(folder)
+    if qc is None:
+        raise QuantkitError(f"'{folder}' has no quantization_config in config.json: it is not a quantized export")
+    del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or torch.float16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = read_tensors(folder)
+    for name, parts in _runtime_layers(tensors, qc).items():
+        old = model.get_submodule(name)
+        new = QuantLinear(old.in_features, old.out_features, qc["bits"], qc.get("group_size", -1), old.bias is not None)
+        for leaf, t in parts.items():
+            setattr(new, leaf, t)
+        if old.bias is not None:
+            new.bias = nn.Parameter(tensors.pop(f"{name}.bias").to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise QuantkitError(f"'{folder}' has tensors the model does not: {', '.join(unexpected[:3])}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _materialize_buffers(model, config)
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftover:
+        raise QuantkitError(f"'{folder}' lacks tensors for {', '.join(leftover[:3])}")
+    return model.to(device).eval()
+
+
+def _materialize_buffers(model: nn.Module, config) -> None:
+    """Rebuild modules whose non-persistent buffers were created on meta (rotary embeddings)."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding") and any(b.is_meta for b in module.buffers()):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, type(module)(config=config))

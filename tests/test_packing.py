@@ -1,0 +1,66 @@
+"""Bit packing round trips and the GPTQ checkpoint layout."""
+
+import pytest
+import torch
+
+from quantkit.algos.quantizer import Grid, rtn_quantize
+from quantkit.export import gptq
+from quantkit.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
+from quantkit.runtime import QuantLinear
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_rows_and_cols_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (96, 64))
+    packed = pack_rows(codes, bits)
+    assert packed.shape == (96 * bits // 32, 64) and packed.dtype == torch.int32
+    assert torch.equal(unpack_rows(packed, bits), codes.int())
+    assert torch.equal(unpack_cols(pack_cols(codes.t(), bits), bits), codes.t().int())
+
+
+def test_4bit_words_hold_consecutive_rows_lsb_first():
+    codes = torch.arange(8).reshape(8, 1).repeat(4, 1)  # rows 0..7 repeated
+    assert pack_rows(codes, 4)[0, 0].item() == 0x76543210
+
+
+def test_3bit_packs_32_codes_in_3_words_with_straddling():
+    codes = torch.zeros(32, 1, dtype=torch.long)
+    codes[10] = 0b111  # bits 30..32: straddles words 0 and 1
+    w = pack_rows(codes, 3)[:, 0].tolist()
+    assert w[0] & 0xFFFFFFFF == 0b11 << 30 and w[1] == 0b1 and w[2] == 0
+
+
+def test_awq_round_trip_and_order():
+    codes = torch.randint(0, 16, (4, 32))
+    assert torch.equal(unpack_awq(pack_awq(codes)), codes.int())
+    ordered = torch.arange(8).reshape(1, 8)
+    assert pack_awq(ordered)[0, 0].item() == 0x75316420
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+def test_gptq_layout_round_trip_through_quantlinear(bits, sym, group_size):
+    torch.manual_seed(bits)
+    w = torch.randn(64, 128)
+    q = rtn_quantize(w, Grid(bits, group_size, sym, min_zero=0 if sym else 1))
+    tensors = gptq.pack_linear("m", q)
+    k, n = 128, 64
+    g = 1 if group_size == -1 else k // group_size
+    assert tensors["m.qweight"].shape == (k * bits // 32, n)
+    assert tensors["m.qzeros"].shape == (g, n * bits // 32)
+    assert tensors["m.scales"].shape == (g, n) and tensors["m.scales"].dtype == torch.float16
+    runtime = gptq.read_linear({k_.split(".")[1]: v for k_, v in tensors.items()}, bits)
+    layer = QuantLinear(k, n, bits, group_size, bias=False)
+    for name, t in runtime.items():
+        setattr(layer, name, t)
+    expected = q.scales.half().float()[:, q.g_idx.long()] * (q.codes - q.zeros[:, q.g_idx.long()])
+    assert torch.equal(layer.dequantize_weight(), expected)
+
+
+def test_gptq_v1_refuses_zero_point_zero():
+    w = torch.rand(32, 32)  # all positive: asymmetric zero point 0
+    q = rtn_quantize(w, Grid(4, 32, sym=False))
+    assert (q.zeros == 0).any()
+    with pytest.raises(Exception, match="zero point of 0"):
+        gptq.pack_linear("m", q)
