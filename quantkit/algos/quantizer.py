@@ -40,7 +40,8 @@ class Grid:
             wmin = -wmax
         flat = wmax == wmin
         wmin, wmax = torch.where(flat, -1.0, wmin), torch.where(flat, 1.0, wmax)
-        scale = (wmax - wmin) / self.maxq
+        # checkpoints store fp16 scales: use exactly those, so the export equals what was optimised
+        scale = ((wmax - wmin) / self.maxq).clamp(min=2**-16).to(torch.float16).to(w.dtype)
         if self.sym:
             zero = torch.full_like(scale, (self.maxq + 1) // 2)
         else:

@@ -1,0 +1,127 @@
+"""The command line end to end on a tiny random Llama, and one clear line for each bad input."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_user_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("Error: ")
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_quantize_eval_inspect(tiny_llama, calib_text, tmp_path):
+    out = tmp_path / "q"
+    r = invoke("quantize", tiny_llama, out, "--calibration", calib_text, "--nsamples", 4, "--seqlen", 64,
+               "--bits", 4, "--group-size", 64, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["output"] == str(out) and summary["bits"] == 4 and summary["group_size"] == 64
+    assert summary["seconds"] > 0 and summary["format"] == "gptq"
+    r = invoke("eval", out, "--dataset", calib_text, "--seqlen", 64, "--max-tokens", 640, "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["tokens"] == 640 and result["seqlen"] == 64 and result["perplexity"] > 1
+    r = invoke("inspect", out)
+    assert r.exit_code == 0 and "gptq" in r.stdout and "MiB" in r.stdout
+
+
+def test_existing_output_needs_force(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert_user_error(invoke("quantize", tiny_llama, out, "--method", "rtn"), "exists", "--force")
+    assert (out / "keep.txt").exists()
+    r = invoke("quantize", tiny_llama, out, "--method", "rtn", "--force", "--quiet")
+    assert r.exit_code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_missing_model_path(tmp_path):
+    assert_user_error(invoke("quantize", tmp_path / "nope", tmp_path / "out"), "does not exist")
+
+
+def test_folder_without_weights(tiny_llama, tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    shutil.copy(tiny_llama / "config.json", model)
+    assert_user_error(invoke("quantize", model, tmp_path / "out"), "no weights")
+
+
+def test_pickle_only_checkpoint_needs_allow_pickle(tiny_llama, tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    shutil.copy(tiny_llama / "config.json", model)
+    (model / "pytorch_model.bin").write_bytes(b"not really")
+    assert_user_error(invoke("quantize", model, tmp_path / "out"), "pickle", "--allow-pickle")
+
+
+def test_unsupported_architecture(tmp_path):
+    from tests_support import save_gpt2
+
+    model = save_gpt2(tmp_path / "gpt2")
+    assert_user_error(invoke("quantize", model, tmp_path / "out", "--method", "rtn"), "unsupported architecture 'gpt2'")
+
+
+@pytest.mark.parametrize("bits", [1, 5, 16])
+def test_bits_not_supported(tiny_llama, tmp_path, bits):
+    assert_user_error(invoke("quantize", tiny_llama, tmp_path / "out", "--bits", bits), f"--bits {bits}", "2, 3, 4, 8")
+
+
+def test_group_size_must_divide(tiny_llama, tmp_path):
+    r = invoke("quantize", tiny_llama, tmp_path / "out", "--method", "rtn", "--group-size", 96)
+    assert_user_error(r, "--group-size 96", "layer 0 self_attn.q_proj", "valid sizes")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [(b"", "holds no text"), (b"   \n\n", "holds no text"), (b"\x00\x01\x02binary", "binary"), (b"\xff\xfe\xfa", "not UTF-8"),
+     (b"just a few words", "fewer than one window")],
+    ids=["empty", "blank", "binary", "not-utf8", "too-short"],
+)
+def test_bad_calibration_file(tiny_llama, tmp_path, content, needle):
+    calib = tmp_path / "calib.txt"
+    calib.write_bytes(content)
+    r = invoke("quantize", tiny_llama, tmp_path / "out", "--calibration", calib, "--seqlen", 64, "--nsamples", 2)
+    assert_user_error(r, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gptq_needs_calibration(tiny_llama, tmp_path):
+    assert_user_error(invoke("quantize", tiny_llama, tmp_path / "out"), "--calibration")
+
+
+def test_jsonl_calibration(tiny_llama, calib_text, tmp_path):
+    lines = calib_text.read_text().splitlines()
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": line}) for line in lines) + "\n")
+    r = invoke("quantize", tiny_llama, tmp_path / "out", "--calibration", calib, "--nsamples", 2, "--seqlen", 32, "--quiet")
+    assert r.exit_code == 0, r.output
+    calib.write_text('{"content": "no text field"}\n')
+    assert_user_error(invoke("quantize", tiny_llama, tmp_path / "o2", "--calibration", calib), "no string 'text'")
+
+
+def test_named_set_offline_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    r = invoke("quantize", tiny_llama, tmp_path / "out", "--calibration", "c4")
+    assert_user_error(r, "named set 'c4'", "local text file")
+
+
+def test_eval_text_shorter_than_a_window(tiny_llama, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the city")
+    assert_user_error(invoke("eval", tiny_llama, "--dataset", text, "--seqlen", 64), "fewer than one window")
