@@ -174,6 +174,33 @@ def prepare_model(name: str, cache_dir: Path | None) -> None:
     click.echo(str(prepare(name, cache_dir)))
 
 
+@cli.command()
+@click.option("--calibration", required=True, type=click.Path(exists=True, dir_okay=False), help="Calibration text file.")
+@click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False), help="Evaluation text file.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-smollm2-w4"), show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True)
+@click.option("--nsamples", type=int, default=32, show_default=True)
+@click.option("--eval-tokens", type=int, default=8192, show_default=True)
+def demo(calibration: str, dataset: str, output: Path, bits: int, nsamples: int, eval_tokens: int) -> None:
+    """Obtain SmolLM2-135M, quantize it, and print FP vs quantized perplexity."""
+    from quantkit.calibration import load_text, tokenize
+    from quantkit.evaluate import perplexity
+    from quantkit.model import load_model, load_tokenizer
+    from quantkit.quantize import run
+    from quantkit.runtime import load_quantized
+    from quantkit.testmodel import prepare
+
+    model = str(prepare("smollm2-135m"))
+    recipe = Recipe(bits=bits, group_size=64, nsamples=nsamples, seqlen=512)
+    run(model, output, recipe, calibration=calibration, force=True)
+    tokens = tokenize(load_tokenizer(model), load_text(dataset, "evaluation"))[:eval_tokens]
+    quantized, _ = perplexity(load_quantized(output), tokens, 512)
+    fp, _ = perplexity(load_model(model)[0], tokens, 512)
+    click.echo(f"SmolLM2-135M on {Path(dataset).name}, first {len(tokens)} tokens, seqlen 512:")
+    click.echo(f"  FP32                     perplexity {fp:.3f}")
+    click.echo(f"  {recipe.method.upper()} W{bits} g64 ({recipe.export_format}) perplexity {quantized:.3f}  → {output}")
+
+
 def main() -> None:
     cli(prog_name="quantkit")
 

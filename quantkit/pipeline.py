@@ -23,7 +23,7 @@ from quantkit.recipe import Recipe
 
 
 class _Captured(Exception):
-    """Raised by the hook on the first decoder layer once its inputs are recorded."""
+    """Raised by a hook once it has recorded what it needs, to cut the forward short."""
 
 
 @dataclass
@@ -86,11 +86,9 @@ def capture_inputs(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, dev
     return LayerInputs(hidden, seen["kwargs"])
 
 
-def _forward(layer: nn.Module, inputs: LayerInputs, on_batch=None) -> list[torch.Tensor]:
+def _forward(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     outputs = []
-    for b, x in enumerate(inputs.hidden):
-        if on_batch is not None:
-            on_batch(b)
+    for x in inputs.hidden:
         out = layer(x, **inputs.kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
@@ -160,22 +158,30 @@ def quantize_layers(
 
 
 def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance) -> dict[str, Hessian]:
+    """Accumulate each module's input Hessian over all batches; each forward stops as soon as
+    every module of the group has seen its input (the rest of the layer is not needed)."""
     hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in modules.items()}
+    seen: set[str] = set()
     current = {}
 
     def make_hook(name):
-        def hook(_module, args, _output):
+        def hook(_module, args):
             hessians[name].add_batch(args[0], current.get("r"))
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _Captured
 
         return hook
 
-    def on_batch(b):
-        if importance is not None:
-            current["r"] = importance[b]
-
-    handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
+    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in modules.items()]
     try:
-        _forward(layer, inputs, on_batch)
+        for b, x in enumerate(inputs.hidden):
+            current["r"] = None if importance is None else importance[b]
+            seen.clear()
+            try:
+                layer(x, **inputs.kwargs)
+            except _Captured:
+                pass
     finally:
         for h in handles:
             h.remove()

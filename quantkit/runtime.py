@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from quantkit import kernels
 from quantkit.errors import QuantkitError
 from quantkit.packing import dequantize, unpack_cols, unpack_rows
 
@@ -41,6 +42,9 @@ class QuantLinear(nn.Module):
         return dequantize(codes, self.scales.float(), zeros, self.g_idx).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.use_triton(x.device):
+            return kernels.quant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                        self.group_size, bias=self.bias)
         w = self.dequantize_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
