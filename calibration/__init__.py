@@ -125,3 +125,12 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) 
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, total - seqlen, (nsamples,), generator=gen)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def circular_shifts(windows: torch.Tensor, k: int) -> torch.Tensor:
+    """RSQ's dataset expansion: windows [S, L] -> [S·k, L], copy j of each window rolled left by
+    j·L/k tokens, so that every part of the text also appears near the start of a window."""
+    if k == 1:
+        return windows
+    length = windows.shape[1]
+    return torch.cat([windows.roll(-(j * length // k), dims=1) for j in range(k)])

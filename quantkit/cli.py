@@ -41,19 +41,30 @@ def cli() -> None:
 @click.option("--method", type=click.Choice(METHODS), help="Rounding: rtn or gptq.  [default: gptq]")
 @click.option("--damp", type=float, help="GPTQ damping, fraction of mean diag(H).  [default: 0.01]")
 @click.option("--act-order/--no-act-order", default=None, help="GPTQ column order by diag(H), static groups.")
+@click.option("--rotate/--no-rotate", default=None, help="Fuse Hadamard rotations (R1 residual, R2 per head).")
+@click.option("--rotation-seed", type=int, help="Seed of the random rotation signs.  [default: 0]")
+@click.option("--importance", type=click.Choice(IMPORTANCE), help="Token importance weighting the Hessian.")
+@click.option("--importance-min", type=float, help="Lowest mapped importance.  [default: 0.005]")
+@click.option("--importance-max", type=float, help="Highest mapped importance.  [default: 1.0]")
+@click.option("--expand", type=int, help="Dataset expansion: circularly shifted copies per sample.  [default: 1]")
+@click.option("--awq/--no-awq", default=None, help="AWQ salient-channel scales before rounding.")
+@click.option("--awq-duo/--no-awq-duo", default=None, help="AWQ scales also divided by mean|w|^(1-α).")
+@click.option("--awq-clip/--no-awq-clip", default=None, help="AWQ weight-range clip search.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Export format.  [default: auto]")
 @click.option("--calibration", help="Calibration text: .txt/.jsonl/.parquet file or a named set (wikitext2, c4).")
 @click.option("--nsamples", type=int, help="Calibration windows.  [default: 128]")
 @click.option("--seqlen", type=int, help="Tokens per calibration window.  [default: 512]")
 @click.option("--seed", type=int, help="Seed for the calibration windows.  [default: 0]")
 @click.option("--device", help="Compute device (cuda, cuda:1, cpu).  [default: cuda if available]")
+@click.option("--offload-activations/--keep-activations", "offload", default=None,
+              help="Keep calibration activations on CPU.  [default: auto, when they would not fit]")
 @click.option("--max-shard-size", type=int, default=4096, show_default=True, help="Shard size in MiB.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def quantize(model, output_dir, preset, fmt, device, max_shard_size, force, trust_remote_code, allow_pickle, as_json, quiet, calibration, **flags) -> None:
+def quantize(model, output_dir, preset, fmt, device, offload, max_shard_size, force, trust_remote_code, allow_pickle, as_json, quiet, calibration, **flags) -> None:
     """Quantize MODEL (folder or hub id) into OUTPUT_DIR."""
     from quantkit.quantize import run
 
@@ -68,6 +79,7 @@ def quantize(model, output_dir, preset, fmt, device, max_shard_size, force, trus
         recipe,
         calibration=calibration,
         device=device,
+        offload=offload,
         force=force,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,

@@ -29,6 +29,22 @@ class Adapter:
         ("mlp.down_proj",),
     )
     layers_path: str = "model.layers"
+    # (norm, Linears reading its output) and the Linears writing into the residual stream
+    norm_readers: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    )
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    # AWQ: (the op whose output the Linears read, the Linears); its output absorbs 1/s
+    awq_groups: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    )
+    clip_skip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")  # errors pass through q·k
+    value_proj: str = "self_attn.v_proj"
+    attn_out_proj: str = "self_attn.o_proj"
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
@@ -44,6 +60,9 @@ class Adapter:
 
     def lm_head(self, model: nn.Module) -> nn.Linear:
         return model.lm_head
+
+    def head_dim(self, config) -> int:
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def pre_layer_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules the first decoder layer's inputs are computed with (run on the compute device)."""

@@ -1,7 +1,8 @@
 """The layer walk: owns the model, the devices and the order; calls the algorithms.
 
-capture the first decoder layer's inputs → for each layer: onload, [importance], Hessians per
-true-sequential group, GPTQ/RTN, recompute outputs with the quantized weights → offload.
+[rotate embeddings/head] → capture the first decoder layer's inputs → for each layer: onload,
+[rotate], [token importance], Hessians per true-sequential group, GPTQ/RTN, recompute outputs
+with the quantized weights → offload.
 Peak device memory is one layer plus the calibration activations.
 """
 
@@ -14,9 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from transformers import AttentionInterface
+
+from quantkit.algos.awq import apply_clip, awq_clip_search, awq_scale_search
 from quantkit.algos.gptq import CholeskyError, Hessian, gptq_quantize
+from quantkit.algos.hadamard import random_orthogonal
+from quantkit.algos.importance import activation_norm, attention_concentration, first_last, map_importance
 from quantkit.algos.quantizer import QuantizedWeight, rtn_quantize
 from quantkit.errors import QuantkitError
+from quantkit.fuse import check_rotatable, rotate_layer, rotate_model_ends, scale_readers
 from quantkit.model import Adapter
 from quantkit.progress import LayerProgress, warn
 from quantkit.recipe import Recipe
@@ -28,10 +35,26 @@ class _Captured(Exception):
 
 @dataclass
 class LayerInputs:
-    """Calibration activations entering a decoder layer: hidden [b, L, C] per batch, shared kwargs."""
+    """Calibration activations entering a decoder layer: hidden [b, L, C] per batch, kept on
+    ``storage`` (the compute device, or CPU when offloaded); kwargs live on the compute device."""
 
     hidden: list[torch.Tensor]
     kwargs: dict
+    device: torch.device
+    storage: torch.device
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        for x in self.hidden:
+            yield x.to(self.device, non_blocking=True)
+
+
+@dataclass
+class Rotation:
+    """Residual rotation Q [C, C] and per-head value rotation R2 [d, d] (float64)."""
+
+    Q: torch.Tensor
+    R2: torch.Tensor
+    head_dim: int
 
 
 def _to(value, device: torch.device):
@@ -57,15 +80,29 @@ def check_shapes(model: nn.Module, adapter: Adapter, recipe: Recipe) -> None:
                 raise QuantkitError(f"{where} × out_features {out_f} cannot be packed into int32 words at {recipe.bits} bits")
 
 
+def activation_storage(device: torch.device, tokens: torch.Tensor, hidden_size: int, offload: bool | None) -> torch.device:
+    """Where calibration activations live: CPU when asked, or (None = auto) when inputs and outputs
+    of a layer in fp32 would take more than half of the compute device's free memory."""
+    if offload is not None:
+        return torch.device("cpu") if offload else device
+    if device.type != "cuda":
+        return device
+    needed = 2 * tokens.numel() * hidden_size * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    return torch.device("cpu") if needed > free // 2 else device
+
+
 @torch.no_grad()
-def capture_inputs(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, device: torch.device, batch: int) -> LayerInputs:
+def capture_inputs(
+    model: nn.Module, adapter: Adapter, tokens: torch.Tensor, device: torch.device, batch: int, storage: torch.device
+) -> LayerInputs:
     """Run the embeddings on ``device`` and record what enters decoder layer 0, for tokens [S, L]."""
     first = adapter.layers(model)[0]
     pre = adapter.pre_layer_modules(model)
     seen: dict = {}
 
     def hook(_module, args, kwargs):
-        seen["hidden"] = (args[0] if args else kwargs.pop("hidden_states")).to(device, torch.float32)
+        seen["hidden"] = (args[0] if args else kwargs.pop("hidden_states")).to(storage, torch.float32)
         seen["kwargs"] = {k: _to(v, device) for k, v in kwargs.items() if k != "hidden_states"}
         raise _Captured
 
@@ -83,14 +120,14 @@ def capture_inputs(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, dev
         handle.remove()
         for m in pre:
             m.to("cpu")
-    return LayerInputs(hidden, seen["kwargs"])
+    return LayerInputs(hidden, seen["kwargs"], device, storage)
 
 
 def _forward(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     outputs = []
-    for x in inputs.hidden:
+    for x in inputs.batches():
         out = layer(x, **inputs.kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
+        outputs.append((out[0] if isinstance(out, tuple) else out).to(inputs.storage))
     return outputs
 
 
@@ -100,28 +137,83 @@ def _check_finite(tensors: list[torch.Tensor], what: str) -> None:
             raise QuantkitError(f"NaN or Inf in {what}: the checkpoint or calibration produced non-finite values")
 
 
+def prepare_rotation(model: nn.Module, adapter: Adapter, recipe: Recipe) -> Rotation:
+    """Build R1 and R2 and rotate the embeddings and LM head (the layers are rotated as they are reached)."""
+    config = model.config
+    check_rotatable(model, adapter)
+    head_dim = adapter.head_dim(config)
+    Q, q_is_hadamard = random_orthogonal(config.hidden_size, recipe.rotation_seed)
+    R2, r2_is_hadamard = random_orthogonal(head_dim, recipe.rotation_seed + 1)
+    for n, ok in ((config.hidden_size, q_is_hadamard), (head_dim, r2_is_hadamard)):
+        if not ok:
+            warn(f"no Hadamard matrix of order {n} can be built: using a random orthogonal matrix (slower to spread outliers)")
+    rotate_model_ends(model, adapter, Q)
+    return Rotation(Q, R2, head_dim)
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention function registered with transformers: records post-RoPE q, k and stops the forward."""
+    module._quantkit_qk = (query, key, attention_mask, scaling)
+    raise _Captured
+
+
+AttentionInterface.register("quantkit_capture", _capture_attention)
+
+
+def _attention_inputs(layer: nn.Module, x: torch.Tensor, kwargs: dict):
+    attn = layer.self_attn
+    original = attn.config._attn_implementation
+    attn.config._attn_implementation = "quantkit_capture"
+    try:
+        layer(x, **kwargs)
+    except _Captured:
+        pass
+    finally:
+        attn.config._attn_implementation = original
+    q, k, mask, scaling = attn.__dict__.pop("_quantkit_qk")
+    return q, k, mask, scaling if scaling is not None else attn.scaling
+
+
+def token_importance(layer: nn.Module, inputs: LayerInputs, recipe: Recipe) -> list[torch.Tensor] | None:
+    """Importance weights [b, L] per batch (mean 1 per sample), from this layer's view of its inputs."""
+    if recipe.importance == "uniform":
+        return None
+    raw = []
+    for x in inputs.batches():
+        if recipe.importance == "attncon":
+            q, k, mask, scaling = _attention_inputs(layer, x, inputs.kwargs)
+            raw.append(attention_concentration(q, k, scaling, mask))
+        elif recipe.importance == "actnorm":
+            raw.append(activation_norm(x))
+        else:
+            raw.append(first_last(x.shape[1]).expand(x.shape[0], -1))
+    return [map_importance(r, recipe.importance_min, recipe.importance_max).to(inputs.device) for r in raw]
+
+
 @torch.no_grad()
 def quantize_layers(
     model: nn.Module,
     adapter: Adapter,
-    tokens: torch.Tensor,
+    tokens: torch.Tensor | None,
     recipe: Recipe,
     device: torch.device,
-    importance_fn=None,
     show_progress: bool = True,
     batch_tokens: int = 4096,
+    offload: bool | None = None,
 ) -> Iterator[tuple[int, dict[str, QuantizedWeight]]]:
     """Quantize every decoder layer in order; yields (layer index, {module name: quantized weight}).
 
-    The model's Linear weights are replaced in place by their dequantized values (in their dtype).
-    ``importance_fn(layer, inputs) -> list of [b, L] weights`` scales each token's Hessian term."""
+    The model's Linear weights are replaced in place by their dequantized values (in their dtype);
+    with ``recipe.rotate`` the model is rotated first (its FP function is unchanged)."""
     layers = adapter.layers(model)
     grid = recipe.grid
     check_shapes(model, adapter, recipe)
+    rotation = prepare_rotation(model, adapter, recipe) if recipe.rotate else None
     inputs = None
-    if recipe.method == "gptq":
+    if tokens is not None:
         batch = max(1, batch_tokens // tokens.shape[1])
-        inputs = capture_inputs(model, adapter, tokens, device, batch)
+        storage = activation_storage(device, tokens, model.config.hidden_size, offload)
+        inputs = capture_inputs(model, adapter, tokens, device, batch, storage)
         _check_finite(inputs.hidden, "the embeddings' output")
 
     with LayerProgress(len(layers), enabled=show_progress) as progress:
@@ -131,10 +223,15 @@ def quantize_layers(
             for name, p in layer.named_parameters():
                 if not torch.isfinite(p).all():
                     raise QuantkitError(f"NaN or Inf in the weights of layer {i} ({name}): the checkpoint is damaged")
+            if rotation is not None:
+                rotate_layer(layer, adapter, rotation.Q, rotation.R2, rotation.head_dim)
             importance = None
-            if importance_fn is not None and inputs is not None:
+            if inputs is not None:
                 progress.stage(i, "importance")
-                importance = importance_fn(layer, inputs)
+                importance = token_importance(layer, inputs, recipe)
+            if recipe.awq:
+                progress.stage(i, "awq")
+                progress.note(i, len(layers), "awq " + ", ".join(awq_layer(layer, adapter, inputs, importance, recipe, grid)))
             results = {}
             for group in adapter.sequential:
                 modules = {name: layer.get_submodule(name) for name in group}
@@ -157,6 +254,77 @@ def quantize_layers(
             yield i, results
 
 
+@dataclass
+class InputSample:
+    """A Linear's calibration inputs: mean |x| [C] over all tokens, an evenly spaced subsample
+    x [T', C] and its tokens' importance r [T']."""
+
+    absmean: torch.Tensor
+    x: torch.Tensor
+    r: torch.Tensor
+
+
+def _sample_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, max_tokens: int = 4096) -> dict[str, InputSample]:
+    """Record what each of ``modules`` reads, in one (early-stopped) pass over the calibration batches."""
+    total = sum(x.shape[0] * x.shape[1] for x in inputs.hidden)
+    step = -(-total // max_tokens)
+    sums = {name: 0.0 for name in modules}
+    parts: dict[str, list] = {name: [] for name in modules}
+    weights: list[torch.Tensor] = []
+    seen: set[str] = set()
+
+    def make_hook(name):
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums[name] + x.abs().sum(0)
+            parts[name].append(x[::step])
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _Captured
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in modules.items()]
+    try:
+        for b, x in enumerate(inputs.batches()):
+            r = torch.ones(x.shape[:2], device=x.device) if importance is None else importance[b]
+            weights.append(r.reshape(-1)[::step])
+            seen.clear()
+            try:
+                layer(x, **inputs.kwargs)
+            except _Captured:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    r = torch.cat(weights)
+    return {name: InputSample(sums[name] / total, torch.cat(parts[name]), r) for name in modules}
+
+
+def awq_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, importance, recipe: Recipe, grid) -> list[str]:
+    """Search and fold AWQ scales for each group of Linears sharing an input, then (with
+    ``recipe.awq_clip``) clip weight ranges. Returns one note per group (chosen α or why skipped)."""
+    notes = []
+    for previous_name, reader_names in adapter.awq_groups:
+        previous = layer.get_submodule(previous_name)
+        readers = {name: layer.get_submodule(name) for name in reader_names}
+        first = next(iter(readers.values()))
+        if isinstance(previous, nn.Linear) and previous.out_features != first.in_features:
+            notes.append(f"{previous_name}→{reader_names[0]}: skipped (grouped-query attention)")
+            continue
+        sample = _sample_inputs(layer, {reader_names[0]: first}, inputs, importance)[reader_names[0]]
+        found = awq_scale_search(sample.x, [m.weight for m in readers.values()], grid, sample.r, sample.absmean, recipe.awq_duo)
+        scale_readers(previous, list(readers.values()), found.scales)
+        notes.append(f"{'/'.join(n.split('.')[-1] for n in reader_names)} α={found.alpha:.2f}")
+    if recipe.awq_clip:
+        clipped = {n: layer.get_submodule(n) for n in adapter.linear_names() if n not in adapter.clip_skip}
+        for name, sample in _sample_inputs(layer, clipped, inputs, importance).items():
+            w = clipped[name].weight
+            shrink = awq_clip_search(sample.x, w.data, grid, sample.r)
+            w.data = apply_clip(w.data.float(), shrink, grid).to(w.dtype)
+    return notes
+
+
 def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance) -> dict[str, Hessian]:
     """Accumulate each module's input Hessian over all batches; each forward stops as soon as
     every module of the group has seen its input (the rest of the layer is not needed)."""
@@ -175,7 +343,7 @@ def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs,
 
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in modules.items()]
     try:
-        for b, x in enumerate(inputs.hidden):
+        for b, x in enumerate(inputs.batches()):
             current["r"] = None if importance is None else importance[b]
             seen.clear()
             try:

@@ -48,5 +48,8 @@ class LayerProgress:
         shown = "" if loss is None else f"  loss {loss:.4g}"
         self.progress.console.print(f"layer {layer + 1}/{total}  {name:<22} {seconds:6.2f}s{shown}")
 
+    def note(self, layer: int, total: int, text: str) -> None:
+        self.progress.console.print(f"layer {layer + 1}/{total}  {text}")
+
     def layer_done(self) -> None:
         self.progress.advance(self.task)

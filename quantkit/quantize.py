@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantkit.calibration import load_text, random_windows, tokenize
+from quantkit.calibration import circular_shifts, load_text, random_windows, tokenize
 from quantkit.errors import QuantkitError
 from quantkit.export import Exporter, manifest
 from quantkit.export.writer import finalize_output, prepare_output
@@ -39,11 +39,11 @@ def calibration_tokens(tokenizer, source: str | None, recipe: Recipe) -> torch.T
             f"calibration text has {ids.numel()} tokens, fewer than --nsamples × --seqlen = "
             f"{recipe.nsamples * recipe.seqlen}: the random windows overlap"
         )
-    return random_windows(ids, recipe.nsamples, recipe.seqlen, recipe.seed)
+    return circular_shifts(random_windows(ids, recipe.nsamples, recipe.seqlen, recipe.seed), recipe.expand)
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    return recipe.method == "gptq" or recipe.awq or recipe.importance != "uniform"
+    return recipe.method == "gptq" or recipe.awq
 
 
 def quantize_model(
@@ -54,10 +54,11 @@ def quantize_model(
     device: torch.device,
     exporter: Exporter | None = None,
     show_progress: bool = True,
+    offload: bool | None = None,
 ) -> None:
     """Quantize ``model`` in place (dequantized weights), streaming each finished layer to ``exporter``."""
     layers = adapter.layers(model)
-    for i, results in quantize_layers(model, adapter, tokens, recipe, device, show_progress=show_progress):
+    for i, results in quantize_layers(model, adapter, tokens, recipe, device, show_progress, offload=offload):
         if exporter is not None:
             exporter.add_layer(f"{adapter.layers_path}.{i}", layers[i], results)
 
@@ -68,6 +69,7 @@ def run(
     recipe: Recipe,
     calibration: str | None = None,
     device: str | None = None,
+    offload: bool | None = None,
     force: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
@@ -85,12 +87,12 @@ def run(
     log(f"quantizing {source} → {out or '(memory)'}: {recipe.bits}-bit, group {recipe.group_size}, "
         f"{'sym' if recipe.sym else 'asym'}, {recipe.method}, format {recipe.export_format}, device {dev}")
     if out is None:
-        quantize_model(model, adapter, recipe, tokens, dev, None, show_progress)
+        quantize_model(model, adapter, recipe, tokens, dev, None, show_progress, offload)
         return Run(model, None, time.perf_counter() - started)
     tmp = prepare_output(out, force)
     try:
         exporter = Exporter(tmp, recipe, max_shard_bytes)
-        quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress)
+        quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload)
         seconds = time.perf_counter() - started
         extra = {"source_bytes": _folder_bytes(Path(source))}
         exporter.finish(model, adapter, source, tokenizer, manifest(recipe, source, seconds, extra))

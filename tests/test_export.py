@@ -22,8 +22,10 @@ def logits(model, ids):
         Recipe(bits=3, group_size=64, sym=False, method="gptq", act_order=True, format="gptq", nsamples=4, seqlen=64),
         Recipe(bits=2, group_size=-1, sym=False, method="rtn", format="gptq"),
         Recipe(bits=8, group_size=128, method="rtn"),
+        Recipe(bits=4, group_size=64, rotate=True, importance="attncon", nsamples=4, seqlen=64, expand=2),
+        Recipe(bits=3, group_size=32, rotate=True, method="rtn", format="gptq", sym=False),
     ],
-    ids=["w4g32-gptq", "w3g64-asym-actorder", "w2-perchannel-rtn", "w8g128-rtn"],
+    ids=["w4g32-gptq", "w3g64-asym-actorder", "w2-perchannel-rtn", "w8g128-rtn", "w4g64-rsq-expand", "w3-rotated-rtn"],
 )
 def test_export_loads_back_to_same_logits(tiny_llama, calib_text, tmp_path, recipe):
     out = tmp_path / "q"

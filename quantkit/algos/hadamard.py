@@ -117,7 +117,7 @@ def _jacobsthal(q: int) -> torch.Tensor:
     x = _digits(p, k).to(torch.int32)
     diff = torch.zeros(q, q, dtype=torch.int32)
     for i in range(k):  # digit-wise subtraction mod p, re-encoded
-        diff += (x[:, None, i] - x[None, :, i]) % p * p**i
+        diff += (x[:, None, i] - x[None, :, i]).remainder_(p).mul_(p**i)
     return _quadratic_character(q)[diff]
 
 

@@ -1,0 +1,84 @@
+"""Per-token importance r_t for RSQ's weighted GPTQ Hessian H = Σ_t r_t x_t x_tᵀ.
+
+Raw scores come from one of three strategies (RSQ, Sung et al. 2025):
+- ``attention_concentration`` (AttnCon, RSQ's choice): the attention a token receives, summed
+  over all heads and all queries of its sequence.
+- ``activation_norm`` (ActNorm): ‖x_t‖₂.
+- ``first_last``: a positional heuristic favouring the first and last tokens.
+``map_importance`` turns raw scores into Hessian weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_concentration(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """r_j = Σ_h Σ_i A_h[i, j], A_h = softmax_j(q_h,i · k_g(h),j · scaling + mask): float32 [B, T].
+
+    q [B, Hq, T, D] and k [B, Hkv, T, D] are post-RoPE queries and keys; query head h reads kv head
+    h // (Hq / Hkv). Causal masking always applies; ``attention_mask`` [B, 1, T, T] (True or 0 =
+    attend, False or −inf = masked) further restricts it, e.g. for padding. A query that sees
+    no key contributes nothing. Queries are processed ``chunk`` at a time against the keys they
+    can see, so scores take B·Hq·chunk·T floats at most.
+    """
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads cannot share {hkv} kv heads evenly")
+    q = q.float().reshape(b, hkv, hq // hkv, t, d)  # heads h = g·(Hq/Hkv) + j share kv head g
+    k = k.float()[:, :, None]  # [B, Hkv, 1, T, D]
+    r = torch.zeros(b, t)
+    for start in range(0, t, chunk):
+        end = min(start + chunk, t)  # queries [start, end) see keys [0, end)
+        scores = q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2) * scaling
+        causal = torch.ones(end - start, end, dtype=torch.bool).tril(start)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        if attention_mask is not None:
+            mask = attention_mask[:, :, None, start:end, :end]  # [B, 1, 1, c, end]
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask.float()
+        blind = scores.amax(-1, keepdim=True) == float("-inf")
+        probs = scores.softmax(-1).masked_fill(blind, 0.0)
+        r[:, :end] += probs.sum((1, 2, 3))
+    return r
+
+
+def activation_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x_t‖₂ of activations x [B, T, C]: float32 [B, T]."""
+    return x.float().norm(dim=-1)
+
+
+def first_last(t: int, n: int = 512) -> torch.Tensor:
+    """Score max(0, 1 − i/n, 1 − (t−1−i)/n) of position i in a length-t sequence: float32 [t].
+
+    The first and last n tokens ramp linearly from 1 at either end down to 1/n; the middle
+    scores 0 (``map_importance`` lifts it to ``low``). Follows the authors' reference code
+    (ylsung/rsq, FirstLastLinearMaskingWeighting, n = 512); where the ramps overlap (2n > t)
+    the larger weight wins.
+    """
+    i = torch.arange(t, dtype=torch.float32)
+    return torch.maximum(1 - i / n, 1 - (t - 1 - i) / n).clamp_min(0)
+
+
+def map_importance(r: torch.Tensor, low: float = 0.005, high: float = 1.0) -> torch.Tensor:
+    """Map raw scores r [B, T] per sample linearly onto [low, high] (min → low, max → high),
+    then divide by the sample mean so the weights average 1: float32 [B, T].
+
+    A constant sample maps to all ones.
+    """
+    if not 0 < low <= high:
+        raise ValueError(f"need 0 < low <= high, got low={low}, high={high}")
+    r = r.float()
+    r_min = r.amin(-1, keepdim=True)
+    span = (r.amax(-1, keepdim=True) - r_min).clamp_min(torch.finfo(r.dtype).tiny)
+    w = low + (high - low) * (r - r_min) / span
+    return w / w.mean(-1, keepdim=True)

@@ -1,0 +1,87 @@
+"""Folding changes of basis into a model's weights, module by module (the model side of
+``quantkit.algos.rotation``). The FP model's function is unchanged; only its weights move."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantkit.algos.rotation import (
+    fold_norm,
+    rotate_heads_input,
+    rotate_heads_output,
+    rotate_input,
+    rotate_output,
+)
+from quantkit.errors import QuantkitError
+from quantkit.model import Adapter
+
+
+def _check_rms_norm(norm: nn.Module, where: str) -> None:
+    if not type(norm).__name__.endswith("RMSNorm") or getattr(norm, "bias", None) is not None:
+        raise QuantkitError(
+            f"--rotate cannot fold {where} ({type(norm).__name__}): only RMSNorm with a plain weight folds exactly; "
+            "quantize without --rotate"
+        )
+
+
+def check_rotatable(model: nn.Module, adapter: Adapter) -> None:
+    """Refuse models whose norms cannot be folded (e.g. Gemma's (1 + w) or post-norms)."""
+    if getattr(model.config, "model_type", "").startswith("gemma"):
+        raise QuantkitError("--rotate does not support Gemma-style norms; quantize without --rotate")
+    _check_rms_norm(adapter.final_norm(model), "the final norm")
+    for i, layer in enumerate(adapter.layers(model)):
+        for norm_name, _ in adapter.norm_readers:
+            _check_rms_norm(layer.get_submodule(norm_name), f"layer {i} {norm_name}")
+
+
+@torch.no_grad()
+def rotate_model_ends(model: nn.Module, adapter: Adapter, Q: torch.Tensor) -> None:
+    """Embeddings write x Q; the final norm is folded into the LM head, which reads x Q.
+    Tied embeddings are untied (the two matrices now differ)."""
+    embed, head, norm = adapter.embed(model), adapter.lm_head(model), adapter.final_norm(model)
+    if head.weight is embed.weight or getattr(model.config, "tie_word_embeddings", False):
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    embed.weight.data = rotate_input(embed.weight.data, Q)  # rows of E are residual vectors: E Q
+    head.weight.data = rotate_input(fold_norm(head.weight.data, norm.weight.data), Q)
+    norm.weight.data.fill_(1)
+
+
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, adapter: Adapter, Q: torch.Tensor, R2: torch.Tensor | None, head_dim: int) -> None:
+    """Fold norms and rotate one decoder layer for the residual rotation Q [C, C] and the
+    per-head value rotation R2 [d, d] (shared by all heads, so grouped-query attention is respected)."""
+    for norm_name, readers in adapter.norm_readers:
+        norm = layer.get_submodule(norm_name)
+        for name in readers:
+            linear = layer.get_submodule(name)
+            linear.weight.data = rotate_input(fold_norm(linear.weight.data, norm.weight.data), Q)
+        norm.weight.data.fill_(1)
+    for name in adapter.residual_writers:
+        linear = layer.get_submodule(name)
+        linear.weight.data = rotate_output(linear.weight.data, Q)
+        if linear.bias is not None:
+            linear.bias.data = rotate_input(linear.bias.data[None], Q)[0]
+    if R2 is not None:
+        v, o = layer.get_submodule(adapter.value_proj), layer.get_submodule(adapter.attn_out_proj)
+        v.weight.data = rotate_heads_output(v.weight.data, R2, head_dim)
+        if v.bias is not None:
+            v.bias.data = rotate_heads_input(v.bias.data[None], R2, head_dim)[0]
+        o.weight.data = rotate_heads_input(o.weight.data, R2, head_dim)
+
+
+@torch.no_grad()
+def scale_readers(previous: nn.Module, readers: list[nn.Linear], s: torch.Tensor) -> None:
+    """AWQ fold: readers' weights W diag(s); the previous op's output divided by s — a norm's weight,
+    or a Linear's rows and bias. Raises ValueError if the previous op's output does not match."""
+    if isinstance(previous, nn.Linear):
+        if previous.out_features != s.numel():
+            raise ValueError(f"{previous.out_features} outputs cannot absorb {s.numel()} scales")
+        previous.weight.data = (previous.weight.double() / s.double()[:, None]).to(previous.weight.dtype)
+        if previous.bias is not None:
+            previous.bias.data = (previous.bias.double() / s.double()).to(previous.bias.dtype)
+    else:
+        previous.weight.data = (previous.weight.double() / s.double()).to(previous.weight.dtype)
+    for linear in readers:
+        linear.weight.data = fold_norm(linear.weight.data, s)
