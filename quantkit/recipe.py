@@ -57,6 +57,8 @@ class Recipe:
             raise QuantkitError("--importance-min must lie in [0, --importance-max]")
         if self.format == "awq" and self.bits != 4:
             raise QuantkitError(f"--format awq stores 4-bit weights only; --bits {self.bits} needs --format gptq or compressed-tensors")
+        if self.format == "awq" and self.group_size == -1:
+            raise QuantkitError("--format awq needs a group size (e.g. --group-size 128), not per-channel")
 
     @property
     def export_format(self) -> str:

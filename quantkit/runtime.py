@@ -71,17 +71,18 @@ def quantization_config(folder: Path) -> dict | None:
 
 
 def _runtime_layers(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: runtime tensors} for every quantized Linear, converting from the checkpoint's format."""
-    from quantkit.export import gptq
+    """{module name: runtime tensors} for every quantized Linear, converted from the checkpoint's format."""
+    from quantkit.export import READERS
 
     method = qc.get("quant_method")
-    if method != "gptq":
-        raise QuantkitError(f"quantization method '{method}' is not supported by quantkit's loader")
-    v1 = qc.get("checkpoint_format", "gptq") == "gptq"
+    if method not in READERS:
+        raise QuantkitError(f"quantization method '{method}' is not supported by quantkit's loader ({', '.join(READERS)})")
+    reader = READERS[method]
+    marker = "." + reader.LEAVES[0]
     layers = {}
-    for name in [n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")]:
-        parts = {leaf: tensors.pop(f"{name}.{leaf}") for leaf in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{leaf}" in tensors}
-        layers[name] = gptq.read_linear(parts, qc["bits"], v1)
+    for name in [n[: -len(marker)] for n in tensors if n.endswith(marker)]:
+        parts = {leaf: tensors.pop(f"{name}.{leaf}") for leaf in reader.LEAVES if f"{name}.{leaf}" in tensors}
+        layers[name] = reader.read_linear(parts, qc)
     return layers
 
 
@@ -103,8 +104,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     tensors = read_tensors(folder)
     for name, parts in _runtime_layers(tensors, qc).items():
         old = model.get_submodule(name)
-        new = QuantLinear(old.in_features, old.out_features, qc["bits"], qc.get("group_size", -1), old.bias is not None)
+        bits = parts["qweight"].shape[0] * 32 // old.in_features
+        group_size = old.in_features // parts["scales"].shape[0]
+        new = QuantLinear(old.in_features, old.out_features, bits, group_size, old.bias is not None)
         for leaf, t in parts.items():
+            if getattr(new, leaf).shape != t.shape:
+                raise QuantkitError(f"'{folder}': {name}.{leaf} has shape {tuple(t.shape)}, expected {tuple(getattr(new, leaf).shape)}")
             setattr(new, leaf, t)
         if old.bias is not None:
             new.bias = nn.Parameter(tensors.pop(f"{name}.bias").to(dtype), requires_grad=False)

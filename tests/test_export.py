@@ -15,6 +15,18 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def check_round_trip(tiny_llama, calib_text, tmp_path, recipe):
+    out = tmp_path / "q"
+    result = run(str(tiny_llama), out, recipe, calibration=str(calib_text), show_progress=False)
+    loaded = load_quantized(out, dtype=torch.float32)
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 2 * 7
+    # in-memory weights use fp32 scales rounded to fp16, so fp32 inference agrees to rounding
+    torch.testing.assert_close(logits(loaded, ids), logits(result.model, ids), atol=1e-4, rtol=1e-4)
+    manifest = json.loads((out / "quantkit.json").read_text())
+    assert manifest["recipe"]["bits"] == recipe.bits
+
+
 @pytest.mark.parametrize(
     "recipe",
     [
@@ -28,19 +40,26 @@ def logits(model, ids):
     ids=["w4g32-gptq", "w3g64-asym-actorder", "w2-perchannel-rtn", "w8g128-rtn", "w4g64-rsq-expand", "w3-rotated-rtn"],
 )
 def test_export_loads_back_to_same_logits(tiny_llama, calib_text, tmp_path, recipe):
-    out = tmp_path / "q"
-    result = run(str(tiny_llama), out, recipe, calibration=str(calib_text), show_progress=False)
-    loaded = load_quantized(out, dtype=torch.float32)
-    ids = torch.randint(0, loaded.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
-    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 2 * 7
-    # in-memory weights use fp32 scales rounded to fp16, so fp32 inference agrees to rounding
-    torch.testing.assert_close(logits(loaded, ids), logits(result.model, ids), atol=1e-4, rtol=1e-4)
-    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    check_round_trip(tiny_llama, calib_text, tmp_path, recipe)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == recipe.bits
     assert config["group_size"] == recipe.group_size and config["sym"] == recipe.sym
     assert config["desc_act"] is False and config["checkpoint_format"] == "gptq"
-    manifest = json.loads((out / "quantkit.json").read_text())
-    assert manifest["recipe"]["bits"] == recipe.bits
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        Recipe(bits=4, group_size=32, sym=False, method="rtn", awq=True, awq_clip=True, format="awq", nsamples=4, seqlen=64),
+        Recipe(bits=4, group_size=64, method="gptq", awq=True, rotate=True, format="awq", nsamples=4, seqlen=64),
+    ],
+    ids=["rtn-awq-clip", "rsq-awq"],
+)
+def test_awq_export_loads_back_to_same_logits(tiny_llama, calib_text, tmp_path, recipe):
+    check_round_trip(tiny_llama, calib_text, tmp_path, recipe)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "awq", "bits": 4, "group_size": recipe.group_size, "zero_point": True,
+                      "version": "gemm", "modules_to_not_convert": None}
 
 
 def test_quantized_weights_differ_from_original(tiny_llama, calib_text):

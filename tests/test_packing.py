@@ -50,7 +50,7 @@ def test_gptq_layout_round_trip_through_quantlinear(bits, sym, group_size):
     assert tensors["m.qweight"].shape == (k * bits // 32, n)
     assert tensors["m.qzeros"].shape == (g, n * bits // 32)
     assert tensors["m.scales"].shape == (g, n) and tensors["m.scales"].dtype == torch.float16
-    runtime = gptq.read_linear({k_.split(".")[1]: v for k_, v in tensors.items()}, bits)
+    runtime = gptq.read_linear({k_.split(".")[1]: v for k_, v in tensors.items()}, {"bits": bits})
     layer = QuantLinear(k, n, bits, group_size, bias=False)
     for name, t in runtime.items():
         setattr(layer, name, t)

@@ -99,13 +99,13 @@ def _quadratic_character(q: int) -> torch.Tensor:
 
     GF(p^k) is GF(p)[x] modulo a monic degree-k polynomial f. Every non-zero e satisfies
     e^((q−1)/2) = ±1 iff the quotient ring has no zero divisors, i.e. iff f is irreducible, and
-    then e^((q−1)/2) = χ(e) (Euler's criterion); the first such f, its lower coefficients in
-    lexicographic order, is used.
+    then e^((q−1)/2) = χ(e) (Euler's criterion). The first such f in lexicographic order of its
+    lower coefficients is used (for k = 1 any f = x + c works: GF(p)[x] / (x + c) ≅ GF(p)).
     """
     p, k = _prime_power(q)
     signs = torch.zeros(2, k, dtype=torch.int64)
     signs[:, 0] = torch.tensor([1, p - 1])  # the constants 1 and −1
-    tails = itertools.product(range(p), repeat=k)
+    tails = itertools.product(range(1, p), *[range(p)] * (k - 1))  # x ∤ f: constant term ≠ 0
     hits = ((_euler_powers(p, torch.tensor(t))[:, None] == signs).all(2) for t in tails)
     hit = next(h for h in hits if h[1:].any(1).all())  # [q, 2]: e^((q−1)/2) == 1, == −1
     return hit[:, 0].to(torch.int8) - hit[:, 1].to(torch.int8)

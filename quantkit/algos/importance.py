@@ -78,7 +78,6 @@ def map_importance(r: torch.Tensor, low: float = 0.005, high: float = 1.0) -> to
     if not 0 < low <= high:
         raise ValueError(f"need 0 < low <= high, got low={low}, high={high}")
     r = r.float()
-    r_min = r.amin(-1, keepdim=True)
-    span = (r.amax(-1, keepdim=True) - r_min).clamp_min(torch.finfo(r.dtype).tiny)
-    w = low + (high - low) * (r - r_min) / span
-    return w / w.mean(-1, keepdim=True)
+    r_min, r_max = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
+    w = low + (high - low) * (r - r_min) / (r_max - r_min)  # NaN for a constant sample
+    return torch.where(r_max > r_min, w / w.mean(-1, keepdim=True), 1.0)

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from quantkit.algos.quantizer import QuantizedWeight
-from quantkit.export import gptq
+from quantkit.export import awq, gptq
 from quantkit.export.writer import ShardWriter, write_json
 from quantkit.model import Adapter
 from quantkit.recipe import Recipe
 
-FORMATS = {"gptq": gptq}
+FORMATS = {"gptq": gptq, "awq": awq}  # recipe format -> module (pack_linear, read_linear, quantization_config)
+READERS = {"gptq": gptq, "awq": awq}  # quantization_config quant_method -> module
 
 TOKENIZER_FILES = (
     "tokenizer.json",

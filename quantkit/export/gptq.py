@@ -35,10 +35,14 @@ def pack_linear(prefix: str, q: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def read_linear(tensors: dict[str, torch.Tensor], bits: int, v1: bool = True) -> dict[str, torch.Tensor]:
+LEAVES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def read_linear(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Tensor]:
     """Runtime layout (actual zero points) from a GPTQ Linear's qweight/qzeros/scales/g_idx."""
+    bits = qc["bits"]
     zeros = unpack_cols(tensors["qzeros"], bits)
-    if v1:
+    if qc.get("checkpoint_format", "gptq") == "gptq":  # v1 stores zero − 1
         zeros = (zeros + 1) & (2**bits - 1)
     k = unpack_rows(tensors["qweight"], bits).shape[0]
     ngroups = tensors["scales"].shape[0]
