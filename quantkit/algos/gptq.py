@@ -7,6 +7,7 @@ over calibration tokens (r_t = token importance, 1 for plain GPTQ), ``gptq_quant
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,19 @@ class GPTQResult:
     dequantized: torch.Tensor
     loss: float
     damp: float
+
+
+@contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """The per-column updates are too small to gain from intra-op threads on CPU (and lose
+    several-fold when cores are shared); block-level matmuls keep all threads."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> tuple[torch.Tensor, float]:
@@ -97,31 +111,36 @@ def gptq_quantize(
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp_used = inverse_cholesky(H, damp)
 
-    codes = torch.zeros_like(W)
-    Q = torch.zeros_like(W)
+    # The loop works on Wᵀ [K, N] so that each column of W is a contiguous row.
+    Wt = W.t().contiguous()
+    codes = torch.zeros_like(Wt)
+    Qt = torch.zeros_like(Wt)
     losses = torch.zeros(n, device=W.device)
+    order = perm.tolist()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // gsize
-            if not act_order and col % gsize == 0:
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gsize]
-                scales[:, g], zeros[:, g] = grid.fit(upcoming)
-            wcol, d = W1[:, i], Hinv1[i, i]
-            q = grid.quantize(wcol[:, None], scales[:, g], zeros[:, g])[:, 0]
-            dq = scales[:, g] * (q - zeros[:, g])
-            codes[:, i1 + i] = q
-            Q[:, i1 + i] = dq
-            losses += (wcol - dq) ** 2 / d**2 / 2
-            err = (wcol - dq) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        with _one_thread_on_cpu(W.device):
+            for i in range(i2 - i1):
+                col = order[i1 + i]
+                g = col // gsize
+                if not act_order and col % gsize == 0:
+                    upcoming = torch.cat([W1[i:], Wt[i2:]])[:gsize]
+                    scales[:, g], zeros[:, g] = grid.fit(upcoming.t())
+                w, d = W1[i], Hinv1[i, i]
+                q = grid.quantize(w[:, None], scales[:, g], zeros[:, g])[:, 0]
+                dq = scales[:, g] * (q - zeros[:, g])
+                codes[i1 + i] = q
+                Qt[i1 + i] = dq
+                err = (w - dq) / d
+                losses += err.square() / 2
+                W1[i:] -= Hinv1[i, i:, None] * err[None, :]
+                Err1[i] = err
+        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
 
+    codes, Q = codes.t(), Qt.t()
     inverse = torch.argsort(perm)
     g_idx = (torch.arange(k, device=W.device) // gsize).int()
     loss = losses.sum().item()
