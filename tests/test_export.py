@@ -62,6 +62,24 @@ def test_awq_export_loads_back_to_same_logits(tiny_llama, calib_text, tmp_path, 
                       "version": "gemm", "modules_to_not_convert": None}
 
 
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        Recipe(bits=3, group_size=64, sym=False, method="gptq", nsamples=4, seqlen=64),
+        Recipe(bits=2, group_size=-1, sym=True, method="rtn", format="compressed-tensors"),
+        Recipe(bits=4, group_size=32, sym=False, method="gptq", rotate=True, importance="attncon", nsamples=4, seqlen=64),
+    ],
+    ids=["w3g64-asym-auto", "w2-perchannel-sym", "w4g32-asym-rsq"],
+)
+def test_compressed_tensors_export_loads_back_to_same_logits(tiny_llama, calib_text, tmp_path, recipe):
+    check_round_trip(tiny_llama, calib_text, tmp_path, recipe)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert weights["num_bits"] == recipe.bits and weights["symmetric"] == recipe.sym
+    assert weights["strategy"] == ("channel" if recipe.group_size == -1 else "group")
+
+
 def test_quantized_weights_differ_from_original(tiny_llama, calib_text):
     from quantkit.model import load_model
 

@@ -5,6 +5,7 @@ import torch
 
 from quantkit.algos.quantizer import Grid, rtn_quantize
 from quantkit.export import gptq
+from quantkit.recipe import Recipe
 from quantkit.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
 from quantkit.runtime import QuantLinear
 
@@ -44,7 +45,7 @@ def test_gptq_layout_round_trip_through_quantlinear(bits, sym, group_size):
     torch.manual_seed(bits)
     w = torch.randn(64, 128)
     q = rtn_quantize(w, Grid(bits, group_size, sym, min_zero=0 if sym else 1))
-    tensors = gptq.pack_linear("m", q)
+    tensors = gptq.pack_linear("m", q, Recipe(bits=bits, group_size=group_size, sym=sym, format="gptq"))
     k, n = 128, 64
     g = 1 if group_size == -1 else k // group_size
     assert tensors["m.qweight"].shape == (k * bits // 32, n)
@@ -63,4 +64,4 @@ def test_gptq_v1_refuses_zero_point_zero():
     q = rtn_quantize(w, Grid(4, 32, sym=False))
     assert (q.zeros == 0).any()
     with pytest.raises(Exception, match="zero point of 0"):
-        gptq.pack_linear("m", q)
+        gptq.pack_linear("m", q, Recipe(sym=False, format="gptq"))

@@ -22,16 +22,21 @@ from functools import lru_cache
 import torch
 
 
+def _prime_factors(n: int) -> set[int]:
+    """The distinct primes dividing n ≥ 1 (trial division)."""
+    primes, d = set(), 2
+    while d * d <= n:
+        while n % d == 0:
+            primes.add(d)
+            n //= d
+        d += 1
+    return primes | {n} - {1}
+
+
 def _prime_power(q: int) -> tuple[int, int] | None:
     """(p, k) with q = p^k for a prime p, or None."""
-    if q < 2:
-        return None
-    p = next((d for d in range(2, math.isqrt(q) + 1) if q % d == 0), q)
-    k = 0
-    while q % p == 0:
-        q //= p
-        k += 1
-    return (p, k) if q == 1 else None
+    primes = _prime_factors(q) if q >= 2 else set()
+    return (p := min(primes), round(math.log(q, p))) if len(primes) == 1 else None
 
 
 def _paley(m: int) -> tuple[int, int] | None:
@@ -63,52 +68,72 @@ def _factors(n: int) -> tuple[int, ...] | None:
     return None
 
 
-def _mul(a: torch.Tensor, b: torch.Tensor, tail: torch.Tensor, p: int) -> torch.Tensor:
-    """Product in GF(p)[x] / (x^k + tail·[1, x, …, x^(k−1)]) of coefficient rows a, b [N, k]."""
-    k = a.shape[1]
-    c = torch.zeros(a.shape[0], 2 * k - 1, dtype=torch.int64)
-    for i, j in itertools.product(range(k), repeat=2):
-        c[:, i + j] += a[:, i] * b[:, j]
-    c %= p
-    for deg in range(2 * k - 2, k - 1, -1):  # x^deg = x^(deg−k)·x^k ≡ −x^(deg−k)·tail
-        c[:, deg - k : deg] -= c[:, deg : deg + 1] * tail
-        c %= p
-    return c[:, :k]
+# GF(p^k) is GF(p)[x] / (f), f = x^k + tail·[1, x, …, x^(k−1)] irreducible; an element is its
+# coefficient row [k] (constant first), coded as the integer Σ c_i p^i.
 
 
 def _digits(p: int, k: int) -> torch.Tensor:
-    """Base-p digits [p^k, k] of 0..p^k−1, least significant first: code e ↔ polynomial Σ d_i x^i."""
+    """Coefficient rows [p^k, k] of the codes 0 … p^k − 1."""
     return torch.arange(p**k)[:, None] // p ** torch.arange(k) % p
 
 
-def _euler_powers(p: int, tail: torch.Tensor) -> torch.Tensor:
-    """e^((q−1)/2) for every e in GF(p)[x] / (x^k + tail·[1, x, …, x^(k−1)]), q = p^k: [q, k]."""
-    base, e = _digits(p, len(tail)), (p ** len(tail) - 1) // 2
-    power = torch.zeros_like(base)
-    power[:, 0] = 1
+def _times_x(c: torch.Tensor, tail: torch.Tensor, p: int) -> torch.Tensor:
+    """x·c mod f for a coefficient row c [k]: shift up, then x^k ≡ −tail."""
+    return (torch.cat([c.new_zeros(1), c[:-1]]) - c[-1] * tail) % p
+
+
+def _reduction(p: int, tail: torch.Tensor) -> torch.Tensor:
+    """[k·k, k]: row i·k + j holds x^(i+j) mod f."""
+    k = len(tail)
+    powers = [torch.eye(k, dtype=torch.int64)[0]]  # x^0
+    for _ in range(2 * k - 2):
+        powers.append(_times_x(powers[-1], tail, p))
+    i = torch.arange(k)
+    return torch.stack(powers)[(i[:, None] + i[None, :]).flatten()]
+
+
+def _mul(a: torch.Tensor, b: torch.Tensor, reduction: torch.Tensor, p: int) -> torch.Tensor:
+    """a·b mod f for coefficient rows a, b [N, k]: Σ_ij a_i b_j x^(i+j), reduced."""
+    return (a[:, :, None] * b[:, None, :]).flatten(1) @ reduction % p
+
+
+def _power(a: torch.Tensor, e: int, reduction: torch.Tensor, p: int) -> torch.Tensor:
+    """a^e mod f for coefficient rows a [N, k] (square and multiply)."""
+    result = torch.zeros_like(a)
+    result[:, 0] = 1
     while e:
         if e & 1:
-            power = _mul(power, base, tail, p)
-        base, e = _mul(base, base, tail, p), e >> 1
-    return power
+            result = _mul(result, a, reduction, p)
+        a, e = _mul(a, a, reduction, p), e >> 1
+    return result
+
+
+def _x_is_primitive(p: int, tail: torch.Tensor) -> bool:
+    """Whether x has multiplicative order q − 1 = p^k − 1 modulo f.
+
+    Then the q − 1 non-zero residues are all powers of x, hence units, so f is irreducible.
+    """
+    q, reduction = p ** len(tail), _reduction(p, tail)
+    one = torch.eye(len(tail), dtype=torch.int64)[:1]
+    x = _times_x(one[0], tail, p)[None]
+    return torch.equal(_power(x, q - 1, reduction, p), one) and not any(
+        torch.equal(_power(x, (q - 1) // r, reduction, p), one) for r in _prime_factors(q - 1)
+    )
 
 
 @lru_cache(maxsize=None)
 def _quadratic_character(q: int) -> torch.Tensor:
-    """χ over GF(q), q an odd prime power: int8 [q] indexed by the element's base-p code.
+    """χ over GF(q), q an odd prime power: int8 [q] indexed by element code.
 
-    GF(p^k) is GF(p)[x] modulo a monic degree-k polynomial f. Every non-zero e satisfies
-    e^((q−1)/2) = ±1 iff the quotient ring has no zero divisors, i.e. iff f is irreducible, and
-    then e^((q−1)/2) = χ(e) (Euler's criterion). The first such f in lexicographic order of its
-    lower coefficients is used (for k = 1 any f = x + c works: GF(p)[x] / (x + c) ≅ GF(p)).
+    f is x + 1 for k = 1 (any linear f is irreducible), else the first polynomial, tails in
+    lexicographic order, with x primitive. Then χ(e) = e^((q−1)/2) by Euler's criterion.
     """
     p, k = _prime_power(q)
-    signs = torch.zeros(2, k, dtype=torch.int64)
-    signs[:, 0] = torch.tensor([1, p - 1])  # the constants 1 and −1
-    tails = itertools.product(range(1, p), *[range(p)] * (k - 1))  # x ∤ f: constant term ≠ 0
-    hits = ((_euler_powers(p, torch.tensor(t))[:, None] == signs).all(2) for t in tails)
-    hit = next(h for h in hits if h[1:].any(1).all())  # [q, 2]: e^((q−1)/2) == 1, == −1
-    return hit[:, 0].to(torch.int8) - hit[:, 1].to(torch.int8)
+    tails = itertools.product(range(1, p), *[range(p)] * (k - 1))  # x | f when tail[0] = 0
+    tail = next(t for t in map(torch.tensor, tails) if k == 1 or _x_is_primitive(p, t))
+    power = _power(_digits(p, k), (q - 1) // 2, _reduction(p, tail), p)
+    one = torch.eye(k, dtype=torch.int64)[0]
+    return (power == one).all(1).to(torch.int8) - (power == (p - 1) * one).all(1).to(torch.int8)
 
 
 def _jacobsthal(q: int) -> torch.Tensor:

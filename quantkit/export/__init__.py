@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from quantkit.algos.quantizer import QuantizedWeight
-from quantkit.export import awq, gptq
+from quantkit.export import awq, compressed_tensors, gptq
 from quantkit.export.writer import ShardWriter, write_json
 from quantkit.model import Adapter
 from quantkit.recipe import Recipe
 
-FORMATS = {"gptq": gptq, "awq": awq}  # recipe format -> module (pack_linear, read_linear, quantization_config)
-READERS = {"gptq": gptq, "awq": awq}  # quantization_config quant_method -> module
+# recipe format / config quant_method -> module with pack_linear, read_linear, quantization_config, LEAVES
+FORMATS = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors}
+READERS = FORMATS
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,7 +48,7 @@ class Exporter:
             if not (leaf == "weight" and module in results):
                 tensors[f"{prefix}.{name}"] = t
         for name, q in results.items():
-            tensors.update(self.format.pack_linear(f"{prefix}.{name}", q))
+            tensors.update(self.format.pack_linear(f"{prefix}.{name}", q, self.recipe))
         self.writer.add(tensors)
 
     def finish(self, model: nn.Module, adapter: Adapter, source: str | None, tokenizer, manifest: dict) -> None:

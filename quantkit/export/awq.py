@@ -17,7 +17,7 @@ from quantkit.recipe import Recipe
 LEAVES = ("qweight", "qzeros", "scales")
 
 
-def pack_linear(prefix: str, q: QuantizedWeight) -> dict[str, torch.Tensor]:
+def pack_linear(prefix: str, q: QuantizedWeight, recipe: Recipe) -> dict[str, torch.Tensor]:
     return {
         f"{prefix}.qweight": pack_awq(q.codes.t().to(torch.int32)),
         f"{prefix}.qzeros": pack_awq(q.zeros.t().to(torch.int32)),

@@ -18,7 +18,7 @@ from quantkit.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
 from quantkit.recipe import Recipe
 
 
-def pack_linear(prefix: str, q: QuantizedWeight) -> dict[str, torch.Tensor]:
+def pack_linear(prefix: str, q: QuantizedWeight, recipe: Recipe) -> dict[str, torch.Tensor]:
     """Checkpoint tensors for the Linear at ``prefix`` from its quantized weight."""
     maxq = 2**q.bits - 1
     stored_zeros = q.zeros.to(torch.int32) - 1

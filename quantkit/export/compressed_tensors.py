@@ -1,0 +1,99 @@
+"""compressed-tensors "pack-quantized" format (llm-compressor's; read by transformers and vLLM).
+
+Per Linear (K = in, N = out, b = bits, G = group size; codes stored with the signed offset
+2^(b−1) removed, i.e. as our unsigned codes):
+  weight_packed      int32 [N, K·b/32]    codes packed along K, dense bitstream (32 codes in b words)
+  weight_scale       fp16  [N, K/G]
+  weight_zero_point  int32 [N·b/32, K/G]  asymmetric only: zero points packed along N
+  weight_shape       int64 [2]            (N, K)
+Symmetric grids store no zero point (it is 2^(b−1) in our unsigned terms, 0 signed).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit import __version__
+from quantkit.algos.quantizer import QuantizedWeight
+from quantkit.errors import QuantkitError
+from quantkit.packing import pack_cols, pack_rows
+from quantkit.recipe import Recipe
+
+LEAVES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def pack_linear(prefix: str, q: QuantizedWeight, recipe: Recipe) -> dict[str, torch.Tensor]:
+    n, k = q.codes.shape
+    tensors = {
+        f"{prefix}.weight_packed": pack_cols(q.codes.to(torch.int32), q.bits),
+        f"{prefix}.weight_scale": q.scales.to(torch.float16).contiguous(),
+        f"{prefix}.weight_shape": torch.tensor([n, k], dtype=torch.int64),
+    }
+    if not recipe.sym:
+        tensors[f"{prefix}.weight_zero_point"] = pack_rows(q.zeros.to(torch.int32), q.bits)
+    return tensors
+
+
+def read_linear(parts: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Tensor]:
+    """Runtime layout from a pack-quantized Linear."""
+    weights = _weights_scheme(qc)
+    bits = weights["num_bits"]
+    n, k = (int(v) for v in parts["weight_shape"].tolist())
+    packed = parts["weight_packed"]
+    if packed.shape != (n, k * bits // 32):
+        raise QuantkitError(
+            f"weight_packed has shape {tuple(packed.shape)}, expected {(n, k * bits // 32)} (dense {bits}-bit packing): "
+            "this checkpoint uses an older compressed-tensors packing"
+        )
+    scale = parts["weight_scale"]
+    groups = scale.shape[1]
+    if "weight_zero_point" in parts:
+        qzeros = parts["weight_zero_point"].t().contiguous()
+    else:
+        qzeros = pack_cols(torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int32), bits)
+    g_idx = parts.get("weight_g_idx")
+    if g_idx is None:
+        g_idx = torch.arange(k) // (k // groups)
+    return {"qweight": packed.t().contiguous(), "qzeros": qzeros, "scales": scale.t().contiguous(), "g_idx": g_idx.to(torch.int32)}
+
+
+def _weights_scheme(qc: dict) -> dict:
+    if qc.get("format") != "pack-quantized":
+        raise QuantkitError(f"compressed-tensors format '{qc.get('format')}' is not supported (only pack-quantized)")
+    groups = list(qc.get("config_groups", {}).values())
+    if len(groups) != 1:
+        raise QuantkitError("compressed-tensors checkpoints with several config groups are not supported")
+    return groups[0]["weights"]
+
+
+def quantization_config(recipe: Recipe) -> dict:
+    per_channel = recipe.group_size == -1
+    weights = {
+        "num_bits": recipe.bits,
+        "type": "int",
+        "symmetric": recipe.sym,
+        "strategy": "channel" if per_channel else "group",
+        "group_size": None if per_channel else recipe.group_size,
+        "dynamic": False,
+        "actorder": None,  # static groups: the checkpoint needs no reordering
+        "observer": "minmax",
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        },
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "version": "0.19.0",
+        "producer": f"quantkit {__version__}",
+    }
