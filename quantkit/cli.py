@@ -60,11 +60,12 @@ def cli() -> None:
               help="Keep calibration activations on CPU.  [default: auto, when they would not fit]")
 @click.option("--max-shard-size", type=int, default=4096, show_default=True, help="Shard size in MiB.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def quantize(model, output_dir, preset, fmt, device, offload, max_shard_size, force, trust_remote_code, allow_pickle, as_json, quiet, calibration, **flags) -> None:
+def quantize(model, output_dir, preset, fmt, device, offload, max_shard_size, force, resume, trust_remote_code, allow_pickle, as_json, quiet, calibration, **flags) -> None:
     """Quantize MODEL (folder or hub id) into OUTPUT_DIR."""
     from quantkit.quantize import run
 
@@ -81,10 +82,12 @@ def quantize(model, output_dir, preset, fmt, device, offload, max_shard_size, fo
         device=device,
         offload=offload,
         force=force,
+        resume=resume,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
         max_shard_bytes=max_shard_size * 2**20,
         show_progress=not quiet,
+        keep_model=False,
     )
     summary = {
         "output": str(result.output),

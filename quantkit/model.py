@@ -137,6 +137,35 @@ def load_model(
     return model, load_tokenizer(source, trust_remote_code), adapter
 
 
+def load_model_lazy(source: str, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """(model, tokenizer, adapter, weights): decoder layers stay on the meta device and are read from
+    ``weights`` (a WeightSource) when the pipeline reaches them. Falls back to ``load_model``
+    (weights None) for hub ids, pickle checkpoints and remote code."""
+    from quantkit.checkpoint import WeightSource, materialize_buffers, meta_model
+
+    check_model_source(source, allow_pickle)
+    folder = Path(source)
+    if trust_remote_code or not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        model, tokenizer, adapter = load_model(source, None, trust_remote_code, allow_pickle)
+        return model, tokenizer, adapter, None
+    config = load_config(source)
+    adapter = adapter_for(config)
+    weights = WeightSource(folder)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = meta_model(config, dtype)
+    layers_prefix = adapter.layers_path + "."
+    tied = getattr(config, "tie_word_embeddings", False)
+    names = [n for n in model.state_dict() if not n.startswith(layers_prefix) and not (tied and n == "lm_head.weight")]
+    state = {n: t.to(dtype) for n, t in weights.read(names).items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    materialize_buffers(model, config)
+    model.eval()
+    return model, load_tokenizer(source, trust_remote_code), adapter, weights
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -22,17 +22,21 @@ import torch
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
+def to_int32(words: torch.Tensor) -> torch.Tensor:
     """Reinterpret int64 values in [0, 2^32) as int32 two's complement."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes [R, C] (ints in [0, 2^bits)) along R into int32 [R·bits/32, C]; R % 32 == 0."""
+    """Pack codes [R, C] (ints in [0, 2^bits)) along R into int32 [R·bits/32, C]; R·bits % 32 == 0."""
     rows, cols = codes.shape
-    if rows % 32:
-        raise ValueError(f"cannot pack {rows} rows: need a multiple of 32")
-    c = codes.to(torch.int64).reshape(rows // 32, 32, cols)
+    if rows * bits % 32:
+        raise ValueError(f"cannot pack {rows} rows of {bits} bits into whole int32 words")
+    padded = -(-rows // 32) * 32
+    c = torch.zeros(padded, cols, dtype=torch.int64, device=codes.device)
+    c[:rows] = codes
+    rows = padded
+    c = c.reshape(rows // 32, 32, cols)
     words = torch.zeros(rows // 32, bits, cols, dtype=torch.int64, device=codes.device)
     mask = (1 << bits) - 1
     for i in range(32):
@@ -41,14 +45,17 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
         words[:, word] |= (v << shift) & 0xFFFFFFFF
         if shift + bits > 32:
             words[:, word + 1] |= v >> (32 - shift)
-    return _to_int32(words.reshape(rows // 32 * bits, cols))
+    return to_int32(words.reshape(rows // 32 * bits, cols)[: codes.shape[0] * bits // 32])
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of ``pack_rows``: int32 [R·bits/32, C] -> int32 codes [R, C]."""
     words_total, cols = packed.shape
-    w = packed.to(torch.int64).reshape(words_total // bits, bits, cols) & 0xFFFFFFFF
-    out = torch.empty(words_total // bits, 32, cols, dtype=torch.int64, device=packed.device)
+    padded = -(-words_total // bits) * bits
+    w = torch.zeros(padded, cols, dtype=torch.int64, device=packed.device)
+    w[:words_total] = packed.to(torch.int64) & 0xFFFFFFFF
+    w = w.reshape(padded // bits, bits, cols)
+    out = torch.empty(padded // bits, 32, cols, dtype=torch.int64, device=packed.device)
     mask = (1 << bits) - 1
     for i in range(32):
         word, shift = divmod(bits * i, 32)
@@ -56,11 +63,11 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
         if shift + bits > 32:
             v = v | (w[:, word + 1] << (32 - shift))
         out[:, i] = v & mask
-    return out.reshape(-1, cols).to(torch.int32)
+    return out.reshape(-1, cols)[: words_total * 32 // bits].to(torch.int32)
 
 
 def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes [R, C] along C into int32 [R, C·bits/32]; C % 32 == 0."""
+    """Pack codes [R, C] along C into int32 [R, C·bits/32]; C·bits % 32 == 0."""
     return pack_rows(codes.t(), bits).t().contiguous()
 
 
@@ -78,7 +85,7 @@ def pack_awq(codes: torch.Tensor) -> torch.Tensor:
     words = torch.zeros(rows, cols // 8, dtype=torch.int64, device=codes.device)
     for j in range(8):
         words |= (c[:, :, j] & 0xF) << (4 * j)
-    return _to_int32(words)
+    return to_int32(words)
 
 
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ Peak device memory is one layer plus the calibration activations.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ from quantkit.algos.gptq import CholeskyError, Hessian, gptq_quantize
 from quantkit.algos.hadamard import random_orthogonal
 from quantkit.algos.importance import activation_norm, attention_concentration, first_last, map_importance
 from quantkit.algos.quantizer import QuantizedWeight, rtn_quantize
+from quantkit.checkpoint import WeightSource
 from quantkit.errors import QuantkitError
 from quantkit.fuse import check_rotatable, rotate_layer, rotate_model_ends, scale_readers
 from quantkit.model import Adapter
@@ -65,19 +66,18 @@ def _to(value, device: torch.device):
     return value
 
 
-def check_shapes(model: nn.Module, adapter: Adapter, recipe: Recipe) -> None:
-    """Fail before any work when a Linear cannot be quantized/packed with this recipe."""
-    for i, layer in enumerate(adapter.layers(model)):
-        for name in adapter.linear_names():
-            out_f, in_f = layer.get_submodule(name).weight.shape
-            where = f"layer {i} {name} (in_features {in_f})"
-            if recipe.group_size != -1 and in_f % recipe.group_size:
-                valid = [g for g in (32, 64, 128, 256) if in_f % g == 0] + [-1]
-                raise QuantkitError(
-                    f"--group-size {recipe.group_size} does not divide {where}: valid sizes {', '.join(map(str, valid))}"
-                )
-            if in_f % 32 or (out_f * recipe.bits) % 32:
-                raise QuantkitError(f"{where} × out_features {out_f} cannot be packed into int32 words at {recipe.bits} bits")
+def check_shapes(layer: nn.Module, index: int, adapter: Adapter, recipe: Recipe) -> None:
+    """Fail before quantizing a layer whose Linears cannot be grouped or packed with this recipe."""
+    for name in adapter.linear_names():
+        out_f, in_f = layer.get_submodule(name).weight.shape
+        where = f"layer {index} {name} (in_features {in_f})"
+        if recipe.group_size != -1 and in_f % recipe.group_size:
+            valid = [g for g in (32, 64, 128, 256) if in_f % g == 0] + [-1]
+            raise QuantkitError(
+                f"--group-size {recipe.group_size} does not divide {where}: valid sizes {', '.join(map(str, valid))}"
+            )
+        if in_f % 32 or (out_f * recipe.bits) % 32:
+            raise QuantkitError(f"{where} × out_features {out_f} cannot be packed into int32 words at {recipe.bits} bits")
 
 
 def activation_storage(device: torch.device, tokens: torch.Tensor, hidden_size: int, offload: bool | None) -> torch.device:
@@ -200,14 +200,19 @@ def quantize_layers(
     show_progress: bool = True,
     batch_tokens: int = 4096,
     offload: bool | None = None,
+    weights: WeightSource | None = None,
+    restore: Callable[[int, nn.Module], None] | None = None,
+    start: int = 0,
 ) -> Iterator[tuple[int, dict[str, QuantizedWeight]]]:
     """Quantize every decoder layer in order; yields (layer index, {module name: quantized weight}).
 
     The model's Linear weights are replaced in place by their dequantized values (in their dtype);
-    with ``recipe.rotate`` the model is rotated first (its FP function is unchanged)."""
+    with ``recipe.rotate`` the model is rotated first (its FP function is unchanged).
+    ``weights``: layers live on meta and are read from it when reached, then released.
+    ``start``/``restore``: layers before ``start`` are already done (resume) — ``restore(i, layer)``
+    puts back their quantized tensors, and they are only run to recompute the next inputs."""
     layers = adapter.layers(model)
     grid = recipe.grid
-    check_shapes(model, adapter, recipe)
     rotation = prepare_rotation(model, adapter, recipe) if recipe.rotate else None
     inputs = None
     if tokens is not None:
@@ -219,6 +224,17 @@ def quantize_layers(
     with LayerProgress(len(layers), enabled=show_progress) as progress:
         for i, layer in enumerate(layers):
             dtype = next(layer.parameters()).dtype
+            if weights is not None:
+                weights.load_into(layer, f"{adapter.layers_path}.{i}", dtype)
+            if i < start:
+                restore(i, layer)
+                if inputs is not None:
+                    layer.to(device, torch.float32)
+                    inputs.hidden = _forward(layer, inputs)
+                _release(layer, dtype, weights)
+                progress.layer_done()
+                continue
+            check_shapes(layer, i, adapter, recipe)
             layer.to(device, torch.float32)
             for name, p in layer.named_parameters():
                 if not torch.isfinite(p).all():
@@ -252,6 +268,12 @@ def quantize_layers(
             layer.to("cpu", dtype)
             progress.layer_done()
             yield i, results
+            _release(layer, dtype, weights)
+
+
+def _release(layer: nn.Module, dtype: torch.dtype, weights: WeightSource | None) -> None:
+    """Offload a finished layer: back to CPU, or (streaming) back to meta, freeing its memory."""
+    layer.to("meta" if weights is not None else "cpu", dtype)
 
 
 @dataclass

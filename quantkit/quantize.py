@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -13,8 +15,9 @@ from torch import nn
 from quantkit.calibration import circular_shifts, load_text, random_windows, tokenize
 from quantkit.errors import QuantkitError
 from quantkit.export import Exporter, manifest
-from quantkit.export.writer import finalize_output, prepare_output
-from quantkit.model import Adapter, compute_device, load_model
+from quantkit.checkpoint import WeightSource
+from quantkit.export.writer import finalize_output, prepare_output, temporary_dir
+from quantkit.model import Adapter, compute_device, load_model, load_model_lazy
 from quantkit.pipeline import quantize_layers
 from quantkit.progress import log, warn
 from quantkit.recipe import Recipe
@@ -55,12 +58,65 @@ def quantize_model(
     exporter: Exporter | None = None,
     show_progress: bool = True,
     offload: bool | None = None,
+    weights: WeightSource | None = None,
+    resume: ResumeState | None = None,
 ) -> None:
-    """Quantize ``model`` in place (dequantized weights), streaming each finished layer to ``exporter``."""
+    """Quantize ``model`` in place (dequantized weights), streaming each finished layer to ``exporter``
+    and recording progress in ``resume``."""
     layers = adapter.layers(model)
-    for i, results in quantize_layers(model, adapter, tokens, recipe, device, show_progress, offload=offload):
+    prefix = adapter.layers_path
+    start = resume.layers_done if resume is not None else 0
+
+    def restore(i: int, layer: nn.Module) -> None:
+        exporter.restore_layer(i, f"{prefix}.{i}", layer)
+
+    walk = quantize_layers(model, adapter, tokens, recipe, device, show_progress, offload=offload,
+                           weights=weights, restore=restore, start=start)
+    for i, results in walk:
         if exporter is not None:
-            exporter.add_layer(f"{adapter.layers_path}.{i}", layers[i], results)
+            exporter.add_layer(i, f"{prefix}.{i}", layers[i], results)
+        if resume is not None:
+            resume.layers_done = i + 1
+            resume.save()
+
+
+@dataclass
+class ResumeState:
+    """What an interrupted run had finished, kept in its temporary folder as resume.json."""
+
+    folder: Path
+    recipe: dict
+    source: str
+    tokens_sha256: str
+    layers_done: int = 0
+
+    @classmethod
+    def load(cls, folder: Path) -> "ResumeState | None":
+        path = folder / "resume.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(folder, data["recipe"], data["source"], data["tokens_sha256"], data["layers_done"])
+
+    def save(self) -> None:
+        data = {"recipe": self.recipe, "source": self.source, "tokens_sha256": self.tokens_sha256, "layers_done": self.layers_done}
+        tmp = self.folder / "resume.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.folder / "resume.json")
+
+    def check(self, recipe: Recipe, source: str, tokens_sha256: str) -> None:
+        if self.recipe != recipe.to_dict():
+            changed = sorted(k for k, v in recipe.to_dict().items() if self.recipe.get(k) != v)
+            raise QuantkitError(
+                f"--resume with a different recipe ({', '.join(changed)} changed): rerun with the interrupted run's "
+                "flags, or drop --resume to start over"
+            )
+        if self.source != source or self.tokens_sha256 != tokens_sha256:
+            raise QuantkitError("--resume with a different model or calibration text: use the interrupted run's, or drop --resume")
+
+
+def _sha256(tokens: torch.Tensor | None) -> str:
+    return "" if tokens is None else hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
 
 
 def run(
@@ -71,17 +127,28 @@ def run(
     device: str | None = None,
     offload: bool | None = None,
     force: bool = False,
+    resume: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     max_shard_bytes: int = 4 * 2**30,
     show_progress: bool = True,
+    keep_model: bool = True,
 ) -> Run:
-    """Quantize ``source`` with ``recipe``; export to ``output`` (None = in memory only)."""
+    """Quantize ``source`` with ``recipe``; export to ``output`` (None = in memory only).
+
+    ``keep_model`` False streams: each decoder layer is read from the checkpoint when reached and
+    released after export, so host memory holds one layer (``Run.model`` then has no layer weights)."""
     started = time.perf_counter()
     out = Path(output) if output is not None else None
     if out is not None and out.exists() and not force:
         raise QuantkitError(f"output folder '{out}' exists: choose another path or pass --force to replace it")
-    model, tokenizer, adapter = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if out is not None and resume and ResumeState.load(temporary_dir(out)) is None:
+        raise QuantkitError(f"nothing to resume: {temporary_dir(out)} holds no interrupted run of '{out}'")
+    if keep_model or out is None:
+        model, tokenizer, adapter = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        weights = None
+    else:
+        model, tokenizer, adapter, weights = load_model_lazy(source, trust_remote_code, allow_pickle)
     tokens = calibration_tokens(tokenizer, calibration, recipe) if needs_calibration(recipe) else None
     dev = compute_device(device)
     log(f"quantizing {source} → {out or '(memory)'}: {recipe.bits}-bit, group {recipe.group_size}, "
@@ -89,14 +156,27 @@ def run(
     if out is None:
         quantize_model(model, adapter, recipe, tokens, dev, None, show_progress, offload)
         return Run(model, None, time.perf_counter() - started)
-    tmp = prepare_output(out, force)
+    tmp = prepare_output(out, force, resume)
+    state = ResumeState.load(tmp) if resume else None
+    if state is not None:
+        state.check(recipe, source, _sha256(tokens))
+        log(f"resuming after {state.layers_done} finished layers")
+    else:
+        state = ResumeState(tmp, recipe.to_dict(), source, _sha256(tokens))
+        state.save()
     try:
         exporter = Exporter(tmp, recipe, max_shard_bytes)
-        quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload)
+        quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state)
         seconds = time.perf_counter() - started
         extra = {"source_bytes": _folder_bytes(Path(source))}
         exporter.finish(model, adapter, source, tokenizer, manifest(recipe, source, seconds, extra))
+        (tmp / "resume.json").unlink()
         finalize_output(tmp, out)
+    except KeyboardInterrupt:
+        raise QuantkitError(
+            f"interrupted after {state.layers_done} layers: the finished work is kept in {tmp}; "
+            "rerun the same command with --resume to continue"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from quantkit import kernels
+from quantkit.checkpoint import materialize_buffers, meta_model
 from quantkit.errors import QuantkitError
 from quantkit.packing import dequantize, unpack_cols, unpack_rows
 
@@ -88,7 +89,7 @@ def _runtime_layers(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, dic
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     folder = Path(path)
     config = AutoConfig.from_pretrained(folder)
@@ -99,8 +100,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     dtype = dtype or getattr(config, "dtype", None) or torch.float16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = meta_model(config, dtype)
     tensors = read_tensors(folder)
     for name, parts in _runtime_layers(tensors, qc).items():
         old = model.get_submodule(name)
@@ -121,16 +121,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         raise QuantkitError(f"'{folder}' has tensors the model does not: {', '.join(unexpected[:3])}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _materialize_buffers(model, config)
+    materialize_buffers(model, config)
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
         raise QuantkitError(f"'{folder}' lacks tensors for {', '.join(leftover[:3])}")
     return model.to(device).eval()
-
-
-def _materialize_buffers(model: nn.Module, config) -> None:
-    """Rebuild modules whose non-persistent buffers were created on meta (rotary embeddings)."""
-    for name, module in list(model.named_modules()):
-        if type(module).__name__.endswith("RotaryEmbedding") and any(b.is_meta for b in module.buffers()):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, type(module)(config=config))

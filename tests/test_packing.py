@@ -65,3 +65,15 @@ def test_gptq_v1_refuses_zero_point_zero():
     assert (q.zeros == 0).any()
     with pytest.raises(Exception, match="zero point of 0"):
         gptq.pack_linear("m", q, Recipe(sym=False, format="gptq"))
+
+
+def test_gptq_reader_undoes_word_level_borrow():
+    """GPTQModel stores zero − 1 by subtracting 0x11111111 from whole words: a zero of 0 borrows."""
+    zeros = torch.tensor([[0, 3, 0, 15, 1, 0, 7, 2]]).t().contiguous().t()  # one group, 8 columns
+    true_words = pack_cols(zeros, 4).to(torch.int64) & 0xFFFFFFFF
+    stored = (true_words - 0x11111111) % 2**32
+    stored = torch.where(stored >= 2**31, stored - 2**32, stored).to(torch.int32)
+    qweight = pack_rows(torch.zeros(32, 8, dtype=torch.long), 4)
+    runtime = gptq.read_linear({"qweight": qweight, "qzeros": stored, "scales": torch.ones(1, 8).half(),
+                                "g_idx": torch.zeros(32, dtype=torch.int32)}, {"bits": 4})
+    assert torch.equal(unpack_cols(runtime["qzeros"], 4), zeros.int())

@@ -15,7 +15,6 @@ zero row sums and Q Qᵀ = q I − J (J all ones), and Qᵀ = χ(−1)·Q with �
 
 from __future__ import annotations
 
-import itertools
 import math
 from functools import lru_cache
 
@@ -30,13 +29,16 @@ def _prime_factors(n: int) -> set[int]:
             primes.add(d)
             n //= d
         d += 1
-    return primes | {n} - {1}
+    return primes | ({n} - {1})
 
 
 def _prime_power(q: int) -> tuple[int, int] | None:
     """(p, k) with q = p^k for a prime p, or None."""
     primes = _prime_factors(q) if q >= 2 else set()
-    return (p := min(primes), round(math.log(q, p))) if len(primes) == 1 else None
+    if len(primes) != 1:
+        return None
+    (p,) = primes
+    return p, round(math.log(q, p))
 
 
 def _paley(m: int) -> tuple[int, int] | None:
@@ -125,13 +127,14 @@ def _x_is_primitive(p: int, tail: torch.Tensor) -> bool:
 def _quadratic_character(q: int) -> torch.Tensor:
     """χ over GF(q), q an odd prime power: int8 [q] indexed by element code.
 
-    f is x + 1 for k = 1 (any linear f is irreducible), else the first polynomial, tails in
-    lexicographic order, with x primitive. Then χ(e) = e^((q−1)/2) by Euler's criterion.
+    f is x + 1 for k = 1 (any linear f is irreducible), else the first f, taking tails in code
+    order, for which x is primitive. Then χ(e) = e^((q−1)/2) by Euler's criterion.
     """
     p, k = _prime_power(q)
-    tails = itertools.product(range(1, p), *[range(p)] * (k - 1))  # x | f when tail[0] = 0
-    tail = next(t for t in map(torch.tensor, tails) if k == 1 or _x_is_primitive(p, t))
-    power = _power(_digits(p, k), (q - 1) // 2, _reduction(p, tail), p)
+    digits = _digits(p, k)
+    candidates = (digits[c] for c in range(q) if c % p)  # tail[0] = 0 would make x divide f
+    tail = next(t for t in candidates if k == 1 or _x_is_primitive(p, t))
+    power = _power(digits, (q - 1) // 2, _reduction(p, tail), p)
     one = torch.eye(k, dtype=torch.int64)[0]
     return (power == one).all(1).to(torch.int8) - (power == (p - 1) * one).all(1).to(torch.int8)
 
@@ -165,6 +168,7 @@ def _block(m: int) -> torch.Tensor:
 
 @lru_cache(maxsize=8)
 def _hadamard_int8(n: int) -> torch.Tensor:
+    """int8 [n, n]: Kronecker product of the blocks of ``_factors(n)`` (cached; callers copy)."""
     factors = _factors(n)
     if factors is None:
         raise ValueError(

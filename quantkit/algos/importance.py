@@ -34,21 +34,20 @@ def attention_concentration(
         raise ValueError(f"{hq} query heads cannot share {hkv} kv heads evenly")
     q = q.float().reshape(b, hkv, hq // hkv, t, d)  # heads h = g·(Hq/Hkv) + j share kv head g
     k = k.float()[:, :, None]  # [B, Hkv, 1, T, D]
-    r = torch.zeros(b, t)
+    r = torch.zeros(b, t, device=q.device)
     for start in range(0, t, chunk):
         end = min(start + chunk, t)  # queries [start, end) see keys [0, end)
         scores = q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2) * scaling
-        causal = torch.ones(end - start, end, dtype=torch.bool).tril(start)
-        scores = scores.masked_fill(~causal, float("-inf"))
+        causal = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(start)
+        scores.masked_fill_(~causal, float("-inf"))
         if attention_mask is not None:
             mask = attention_mask[:, :, None, start:end, :end]  # [B, 1, 1, c, end]
             if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
+                scores.masked_fill_(~mask, float("-inf"))
             else:
-                scores = scores + mask.float()
+                scores += mask.float()
         blind = scores.amax(-1, keepdim=True) == float("-inf")
-        probs = scores.softmax(-1).masked_fill(blind, 0.0)
-        r[:, :end] += probs.sum((1, 2, 3))
+        r[:, :end] += scores.softmax(-1).masked_fill_(blind, 0.0).sum((1, 2, 3))
     return r
 
 
@@ -65,6 +64,8 @@ def first_last(t: int, n: int = 512) -> torch.Tensor:
     (ylsung/rsq, FirstLastLinearMaskingWeighting, n = 512); where the ramps overlap (2n > t)
     the larger weight wins.
     """
+    if n < 1:
+        raise ValueError(f"need n >= 1 first/last tokens, got {n}")
     i = torch.arange(t, dtype=torch.float32)
     return torch.maximum(1 - i / n, 1 - (t - 1 - i) / n).clamp_min(0)
 
@@ -75,8 +76,8 @@ def map_importance(r: torch.Tensor, low: float = 0.005, high: float = 1.0) -> to
 
     A constant sample maps to all ones.
     """
-    if not 0 < low <= high:
-        raise ValueError(f"need 0 < low <= high, got low={low}, high={high}")
+    if not 0 <= low <= high or high <= 0:
+        raise ValueError(f"need 0 <= low <= high and high > 0, got low={low}, high={high}")
     r = r.float()
     r_min, r_max = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
     w = low + (high - low) * (r - r_min) / (r_max - r_min)  # NaN for a constant sample

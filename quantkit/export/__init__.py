@@ -6,12 +6,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.export import awq, compressed_tensors, gptq
-from quantkit.export.writer import ShardWriter, write_json
+from quantkit.export.writer import ShardWriter, write_json, write_part
 from quantkit.model import Adapter
+from quantkit.packing import dequantize, unpack_cols, unpack_rows
 from quantkit.recipe import Recipe
 
 # recipe format / config quant_method -> module with pack_linear, read_linear, quantization_config, LEAVES
@@ -32,15 +34,21 @@ TOKENIZER_FILES = (
 
 
 class Exporter:
-    """Collects a quantized model layer by layer into ``folder`` (a temporary export folder)."""
+    """Collects a quantized model layer by layer into ``folder`` (a temporary export folder).
+
+    Each finished layer is written at once to its own part file (what ``--resume`` restarts
+    from); ``finish`` merges the parts, in order, into shards of at most ``max_shard_bytes``."""
 
     def __init__(self, folder: Path, recipe: Recipe, max_shard_bytes: int = 4 * 2**30) -> None:
         self.folder = folder
         self.recipe = recipe
         self.format = FORMATS[recipe.export_format]
-        self.writer = ShardWriter(folder, max_shard_bytes)
+        self.max_shard_bytes = max_shard_bytes
 
-    def add_layer(self, prefix: str, layer: nn.Module, results: dict[str, QuantizedWeight]) -> None:
+    def _part(self, name: str) -> Path:
+        return self.folder / f"part-{name}.safetensors"
+
+    def add_layer(self, index: int, prefix: str, layer: nn.Module, results: dict[str, QuantizedWeight]) -> None:
         """Write decoder layer ``prefix`` (e.g. 'model.layers.3'): packed Linears, other tensors as is."""
         tensors = {}
         for name, t in layer.state_dict().items():
@@ -49,10 +57,25 @@ class Exporter:
                 tensors[f"{prefix}.{name}"] = t
         for name, q in results.items():
             tensors.update(self.format.pack_linear(f"{prefix}.{name}", q, self.recipe))
-        self.writer.add(tensors)
+        write_part(self._part(f"{index:05d}"), tensors)
+
+    def restore_layer(self, index: int, prefix: str, layer: nn.Module) -> None:
+        """Put a written layer's tensors back into ``layer``, quantized Linears as dequantized weights."""
+        tensors = {k[len(prefix) + 1 :]: v for k, v in load_file(str(self._part(f"{index:05d}"))).items()}
+        marker = "." + self.format.LEAVES[0]
+        qc = self.format.quantization_config(self.recipe)
+        state = layer.state_dict()
+        for name in [n[: -len(marker)] for n in list(tensors) if n.endswith(marker)]:
+            parts = {leaf: tensors.pop(f"{name}.{leaf}") for leaf in self.format.LEAVES if f"{name}.{leaf}" in tensors}
+            packed = self.format.read_linear(parts, qc)
+            codes, zeros = unpack_rows(packed["qweight"], self.recipe.bits), unpack_cols(packed["qzeros"], self.recipe.bits)
+            w = dequantize(codes, packed["scales"].float(), zeros, packed["g_idx"]).t()
+            tensors[f"{name}.weight"] = w.to(state[f"{name}.weight"].dtype)
+        layer.load_state_dict(tensors, assign=True)
 
     def finish(self, model: nn.Module, adapter: Adapter, source: str | None, tokenizer, manifest: dict) -> None:
-        """Write the tensors outside the decoder layers, config, tokenizer and manifest."""
+        """Write the tensors outside the decoder layers, merge all parts into shards, then config,
+        tokenizer and manifest."""
         layers_prefix = adapter.layers_path + "."
         tied = getattr(model.config, "tie_word_embeddings", False)
         rest = {
@@ -60,8 +83,12 @@ class Exporter:
             for name, t in model.state_dict().items()
             if not name.startswith(layers_prefix) and not (tied and name == "lm_head.weight")
         }
-        self.writer.add(rest)
-        self.writer.close()
+        write_part(self._part("rest"), rest)
+        writer = ShardWriter(self.folder, self.max_shard_bytes)
+        for part in sorted(self.folder.glob("part-*.safetensors")):
+            writer.add(load_file(str(part)))
+            part.unlink()
+        writer.close()
         config = model.config.to_dict()
         config["quantization_config"] = self.format.quantization_config(self.recipe)
         write_json(self.folder / "config.json", config)

@@ -14,7 +14,7 @@ import torch
 from quantkit import __version__
 from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.errors import QuantkitError
-from quantkit.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
+from quantkit.packing import pack_cols, pack_rows, to_int32, unpack_cols, unpack_rows
 from quantkit.recipe import Recipe
 
 
@@ -41,9 +41,16 @@ LEAVES = ("qweight", "qzeros", "scales", "g_idx")
 def read_linear(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Tensor]:
     """Runtime layout (actual zero points) from a GPTQ Linear's qweight/qzeros/scales/g_idx."""
     bits = qc["bits"]
-    zeros = unpack_cols(tensors["qzeros"], bits)
-    if qc.get("checkpoint_format", "gptq") == "gptq":  # v1 stores zero − 1
-        zeros = (zeros + 1) & (2**bits - 1)
+    qzeros = tensors["qzeros"]
+    v1 = qc.get("checkpoint_format", "gptq") == "gptq"  # v1 stores zero − 1
+    if v1 and 32 % bits == 0:
+        # writers subtract 1 from every field of a whole word at once, borrowing across fields
+        # when a zero is 0 (GPTQModel does): add the ones back the same way.
+        ones = sum(1 << (bits * j) for j in range(32 // bits))
+        qzeros = to_int32(((qzeros.to(torch.int64) & 0xFFFFFFFF) + ones) & 0xFFFFFFFF)
+    zeros = unpack_cols(qzeros, bits)
+    if v1 and 32 % bits:
+        zeros = (zeros + 1) & (2**bits - 1)  # 3-bit fields straddle words: −1 is applied per field
     k = unpack_rows(tensors["qweight"], bits).shape[0]
     ngroups = tensors["scales"].shape[0]
     g_idx = tensors.get("g_idx")

@@ -87,6 +87,16 @@ class ShardWriter:
         return names
 
 
+def write_part(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save ``tensors`` to ``path`` atomically (written beside it, then renamed)."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    except OSError as e:
+        raise QuantkitError(f"writing {path.parent} failed ({e.strerror or e}): free disk space and retry") from None
+    tmp.replace(path)
+
+
 def write_json(path: Path, data: dict) -> None:
     try:
         path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
