@@ -53,8 +53,8 @@ class Recipe:
             raise QuantkitError("--nsamples must be ≥ 1 and --seqlen ≥ 2")
         if self.expand < 1:
             raise QuantkitError("--expand must be ≥ 1")
-        if not 0 <= self.importance_min <= self.importance_max:
-            raise QuantkitError("--importance-min must lie in [0, --importance-max]")
+        if not 0 <= self.importance_min <= self.importance_max or self.importance_max <= 0:
+            raise QuantkitError("--importance-min must lie in [0, --importance-max] and --importance-max be above 0")
         if self.format == "awq" and self.bits != 4:
             raise QuantkitError(f"--format awq stores 4-bit weights only; --bits {self.bits} needs --format gptq or compressed-tensors")
         if self.format == "awq" and self.group_size == -1:

@@ -42,7 +42,7 @@ def _prime_power(q: int) -> tuple[int, int] | None:
 
 
 def _paley(m: int) -> tuple[int, int] | None:
-    """(q, 1) if Paley I builds order m = q + 1, (q, 2) if Paley II builds m = 2(q + 1), else None."""
+    """(q, 1) if Paley I builds order m = q + 1, (q, 2) if Paley II builds m = 2(q + 1), or None."""
     if _prime_power(m - 1) and (m - 1) % 4 == 3:
         return m - 1, 1
     if m % 2 == 0 and _prime_power(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
@@ -183,7 +183,7 @@ def _hadamard_int8(n: int) -> torch.Tensor:
 
 
 def hadamard(n: int) -> torch.Tensor:
-    """Hadamard matrix of order n: float64 [n, n] of ±1 with H Hᵀ = n I; ValueError if unsupported."""
+    """Hadamard matrix of order n: float64 [n, n] of ±1, H Hᵀ = n I; ValueError if unbuildable."""
     return _hadamard_int8(n).to(torch.float64)
 
 

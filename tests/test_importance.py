@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from quantkit.algos.importance import (
+    activation_norm,
+    attention_concentration,
+    first_last,
+    map_importance,
+)
+
+B, HQ, HKV, T, D = 2, 6, 2, 37, 8
+
+
+def _naive(q, k, scaling, mask=None):
+    """Full [B, Hq, T, T] attention with kv heads repeated; mask additive [B, 1, T, T]."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) * scaling
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(-1).nan_to_num().sum((1, 2))
+
+
+@pytest.fixture
+def qk():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, HQ, T, D, generator=g), torch.randn(B, HKV, T, D, generator=g)
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 256])
+def test_chunked_matches_full_softmax(qk, chunk):
+    q, k = qk
+    r = attention_concentration(q, k, D**-0.5, chunk=chunk)
+    assert r.shape == (B, T) and r.dtype == torch.float32
+    assert torch.allclose(r, _naive(q, k, D**-0.5), rtol=1e-5, atol=1e-5)
+    # every query's attention sums to 1, so the scores total Hq·T per sample
+    assert torch.allclose(r.sum(-1), torch.full((B,), float(HQ * T)), rtol=1e-5)
+
+
+def test_padding_mask_bool_and_additive_agree(qk):
+    q, k = qk
+    pad = torch.tensor([3, 0])  # left padding per sample
+    keep = (torch.arange(T) >= pad[:, None])[:, None, None, :].expand(B, 1, T, T)
+    additive = torch.zeros(B, 1, T, T).masked_fill(~keep, float("-inf"))
+    r_bool = attention_concentration(q, k, 0.3, attention_mask=keep, chunk=8)
+    r_add = attention_concentration(q, k, 0.3, attention_mask=additive, chunk=8)
+    assert torch.allclose(r_bool, r_add) and torch.isfinite(r_bool).all()
+    assert torch.allclose(r_bool, _naive(q, k, 0.3, additive), rtol=1e-5, atol=1e-5)
+    assert (r_bool[0, :3] == 0).all()  # padded keys get nothing; padded queries see nothing
+    assert torch.allclose(r_bool.sum(-1), HQ * (T - pad).float(), rtol=1e-5)
+
+
+def test_uneven_heads_rejected(qk):
+    q, _ = qk
+    with pytest.raises(ValueError):
+        attention_concentration(q, torch.randn(B, 4, T, D), 1.0)
+
+
+def test_activation_norm():
+    x = torch.randn(2, 5, 7, dtype=torch.float16)
+    assert torch.allclose(activation_norm(x), x.float().pow(2).sum(-1).sqrt())
+
+
+def test_first_last():
+    third = 1 / 3
+    expected = torch.tensor([1, 2 * third, third, 0, 0, 0, 0, third, 2 * third, 1])
+    assert torch.allclose(first_last(10, n=3), expected)
+    assert torch.allclose(first_last(4, n=3), torch.tensor([1, 2 * third, 2 * third, 1]))
+
+
+def test_map_importance():
+    r = torch.rand(3, 50, generator=torch.Generator().manual_seed(0)) ** 3 * 100
+    low, high = 0.01, 2.0
+    w = map_importance(r, low, high)
+    assert torch.allclose(w.mean(-1), torch.ones(3))
+    # before renormalisation min → low and max → high, linearly in between
+    scale = w.amax(-1, keepdim=True) / high
+    assert torch.allclose(w.amin(-1, keepdim=True) / scale, torch.full((3, 1), low))
+    assert torch.equal(w.argmin(-1), r.argmin(-1)) and torch.equal(w.argmax(-1), r.argmax(-1))
+    unit = (r - r.amin(-1, keepdim=True)) / (r.amax(-1, keepdim=True) - r.amin(-1, keepdim=True))
+    assert torch.allclose(w / scale, low + (high - low) * unit)
+
+
+def test_map_importance_constant_and_bad_range():
+    r = torch.stack([torch.full((8,), 5.0), torch.arange(8.0)])
+    w = map_importance(r)
+    assert torch.equal(w[0], torch.ones(8))
+    assert torch.allclose(w[1].mean(), torch.tensor(1.0))
+    assert torch.equal(map_importance(r, low=0.0)[0], torch.ones(8))
+    assert map_importance(r, low=0.0)[1, 0] == 0
+    for low, high in [(-0.1, 1.0), (2.0, 1.0), (0.0, 0.0)]:
+        with pytest.raises(ValueError):
+            map_importance(r, low, high)
