@@ -286,20 +286,15 @@ class InputSample:
     r: torch.Tensor
 
 
-def _sample_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, max_tokens: int = 4096) -> dict[str, InputSample]:
-    """Record what each of ``modules`` reads, in one (early-stopped) pass over the calibration batches."""
-    total = sum(x.shape[0] * x.shape[1] for x in inputs.hidden)
-    step = -(-total // max_tokens)
-    sums = {name: 0.0 for name in modules}
-    parts: dict[str, list] = {name: [] for name in modules}
-    weights: list[torch.Tensor] = []
+def _observe_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, record) -> None:
+    """Call ``record(name, x [T, C], r [T] | None)`` with what each of ``modules`` reads, batch by
+    batch; each forward stops as soon as every module has seen its input."""
     seen: set[str] = set()
+    current = {}
 
     def make_hook(name):
         def hook(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums[name] + x.abs().sum(0)
-            parts[name].append(x[::step])
+            record(name, args[0].reshape(-1, args[0].shape[-1]), current["r"])
             seen.add(name)
             if len(seen) == len(modules):
                 raise _Captured
@@ -309,8 +304,7 @@ def _sample_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, im
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in modules.items()]
     try:
         for b, x in enumerate(inputs.batches()):
-            r = torch.ones(x.shape[:2], device=x.device) if importance is None else importance[b]
-            weights.append(r.reshape(-1)[::step])
+            current["r"] = None if importance is None else importance[b].reshape(-1)
             seen.clear()
             try:
                 layer(x, **inputs.kwargs)
@@ -319,8 +313,24 @@ def _sample_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, im
     finally:
         for h in handles:
             h.remove()
-    r = torch.cat(weights)
-    return {name: InputSample(sums[name] / total, torch.cat(parts[name]), r) for name in modules}
+
+
+def _sample_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, max_tokens: int = 4096) -> dict[str, InputSample]:
+    """What each of ``modules`` reads: mean |x| over all tokens and an evenly spaced subsample."""
+    total = sum(x.shape[0] * x.shape[1] for x in inputs.hidden)
+    step = -(-total // max_tokens)
+    sums = {name: 0.0 for name in modules}
+    xs: dict[str, list] = {name: [] for name in modules}
+    rs: dict[str, list] = {name: [] for name in modules}
+
+    def record(name, x, r):
+        x = x.float()
+        sums[name] = sums[name] + x.abs().sum(0)
+        xs[name].append(x[::step])
+        rs[name].append(torch.ones(x.shape[0], device=x.device)[::step] if r is None else r[::step])
+
+    _observe_inputs(layer, modules, inputs, importance, record)
+    return {name: InputSample(sums[name] / total, torch.cat(xs[name]), torch.cat(rs[name])) for name in modules}
 
 
 def awq_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, importance, recipe: Recipe, grid) -> list[str]:
@@ -348,33 +358,9 @@ def awq_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, importanc
 
 
 def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance) -> dict[str, Hessian]:
-    """Accumulate each module's input Hessian over all batches; each forward stops as soon as
-    every module of the group has seen its input (the rest of the layer is not needed)."""
+    """Accumulate each module's importance-weighted input Hessian over all calibration batches."""
     hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in modules.items()}
-    seen: set[str] = set()
-    current = {}
-
-    def make_hook(name):
-        def hook(_module, args):
-            hessians[name].add_batch(args[0], current.get("r"))
-            seen.add(name)
-            if len(seen) == len(modules):
-                raise _Captured
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in modules.items()]
-    try:
-        for b, x in enumerate(inputs.batches()):
-            current["r"] = None if importance is None else importance[b]
-            seen.clear()
-            try:
-                layer(x, **inputs.kwargs)
-            except _Captured:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    _observe_inputs(layer, modules, inputs, importance, lambda name, x, r: hessians[name].add_batch(x, r))
     return hessians
 
 
