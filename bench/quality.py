@@ -1,0 +1,93 @@
+"""Quality/time/memory table on SmolLM2-135M for any set of recipes (issues: core, RSQ, AWQ).
+
+Protocol: calibrate on ../shared/data/c4-sample.txt (--nsamples × --seqlen tokens, default
+128 × 512), evaluate perplexity on the first --eval-tokens (default 32768) tokens of
+../shared/data/wikitext2-test.txt with seqlen 512. Every quantization runs as its own process
+(wall seconds and peak RSS are that process's); with several seeds the table shows medians.
+
+    python bench/quality.py                                   # FP, RTN, GPTQ at W4/W3/W2 g64 asym
+    python bench/quality.py --recipes gptq gptq+rotate gptq+attncon rsq --bits 3 2 \\
+        --group-sizes 64 -1 --seeds 0 1 2                     # the RSQ table
+    python bench/quality.py --recipes rtn rtn+awq gptq gptq+awq rsq rsq+awq --bits 4 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import eval_ppl, quantkit, require_data, save, timed
+
+RECIPES = {
+    "rtn": ["--method", "rtn"],
+    "gptq": ["--method", "gptq"],
+    "gptq+rotate": ["--method", "gptq", "--rotate"],
+    "gptq+attncon": ["--method", "gptq", "--importance", "attncon"],
+    "rsq": ["--preset", "rsq"],
+    "rtn+awq": ["--method", "rtn", "--awq", "--awq-clip"],
+    "gptq+awq": ["--method", "gptq", "--awq"],
+    "rsq+awq": ["--preset", "rsq", "--awq"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", nargs="+", default=["rtn", "gptq"], choices=sorted(RECIPES))
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=[64])
+    ap.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--extra", nargs="*", default=[], help="quantize flags added to every run, e.g. --importance-min 0.1")
+    ap.add_argument("--name", default="quality", help="results file bench/results/NAME.json")
+    args = ap.parse_args()
+    calib, test = require_data("c4-sample.txt"), require_data("wikitext2-test.txt")
+    model = timed(quantkit("prepare-model", "smollm2-135m"))[0].strip().splitlines()[-1]
+    fp = eval_ppl(model, test, args.seqlen, args.eval_tokens)
+    print(f"FP32 ppl {fp:.3f}", flush=True)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in args.bits:
+            for group in args.group_sizes:
+                for recipe in args.recipes:
+                    for seed in args.seeds:
+                        out = Path(tmp) / "q"
+                        cmd = quantkit("quantize", model, str(out), "--bits", str(bits), "--group-size", str(group),
+                                       "--sym" if args.sym else "--asym", "--calibration", str(calib),
+                                       "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                                       "--seed", str(seed), "--rotation-seed", str(seed), "--quiet", "--json", "--force",
+                                       *RECIPES[recipe], *args.extra)
+                        _, seconds, rss = timed(cmd)
+                        run = {"recipe": recipe, "bits": bits, "group_size": group, "seed": seed,
+                               "seconds": round(seconds, 1), "peak_rss_mib": round(rss / 2**20),
+                               "ppl": eval_ppl(out, test, args.seqlen, args.eval_tokens)}
+                        runs.append(run)
+                        print(json.dumps(run), flush=True)
+    rows = []
+    for bits in args.bits:
+        for group in args.group_sizes:
+            for recipe in args.recipes:
+                same = [r for r in runs if (r["recipe"], r["bits"], r["group_size"]) == (recipe, bits, group)]
+                rows.append({"recipe": recipe, "bits": bits, "group_size": group, "seeds": len(same),
+                             "ppl": statistics.median(r["ppl"] for r in same),
+                             "seconds": statistics.median(r["seconds"] for r in same),
+                             "peak_rss_mib": max(r["peak_rss_mib"] for r in same)})
+    grid = "sym" if args.sym else "asym"
+    print(f"\nSmolLM2-135M · calibration C4 {args.nsamples}×{args.seqlen} · WikiText-2 test (no blank lines), first "
+          f"{args.eval_tokens} tokens, seqlen {args.seqlen} · median of {len(args.seeds)} seed(s) · {grid}")
+    print("| recipe | bits | group | ppl | Δ vs FP | quantize s | peak RSS MiB |\n|---|---|---|---|---|---|---|")
+    print(f"| FP32 | 32 | – | {fp:.3f} | – | – | – |")
+    for r in rows:
+        group = "channel" if r["group_size"] == -1 else r["group_size"]
+        print(f"| {r['recipe']} | {r['bits']} | {group} | {r['ppl']:.3f} | {r['ppl'] - fp:+.3f} | {r['seconds']} "
+              f"| {r['peak_rss_mib']} |")
+    print(f"\nwrote {save(args.name, {'args': vars(args), 'fp_ppl': fp, 'runs': runs, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
