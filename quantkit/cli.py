@@ -4,6 +4,7 @@ Exit status: 0 success, 1 user error (one line on stderr), 2 bad usage (click's 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 from pathlib import Path
@@ -216,7 +217,17 @@ def demo(calibration: str, dataset: str, output: Path, bits: int, nsamples: int,
     click.echo(f"  {recipe.method.upper()} W{bits} g64 ({recipe.export_format}) perplexity {quantized:.3f}  → {output}")
 
 
+def _fixed_mmap_threshold(nbytes: int = 2**20) -> None:
+    """glibc raises its mmap threshold after large frees, after which freed layer weights stay in
+    the heap and peak RSS grows with model depth; a fixed threshold hands large tensors back to the OS."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def main() -> None:
+    _fixed_mmap_threshold()
     cli(prog_name="quantkit")
 
 

@@ -55,8 +55,9 @@ def test_resume_after_sigkill_is_byte_identical(deep_model, calib_text, tmp_path
     done = json.loads(state.read_text())["layers_done"]
     assert 2 <= done < 8 and not resumed.exists(), "the run must be killed midway"
 
-    r = CliRunner().invoke(cli, ["quantize", str(deep_model), str(resumed), "--resume", "--bits", "4"]
-                           + recipe_args(calib_text)[:-5] + ["--group-size", "64", "--asym", "--act-order", "--quiet"])
+    other = recipe_args(calib_text)
+    other[other.index("--bits") + 1] = "4"
+    r = CliRunner().invoke(cli, ["quantize", str(deep_model), str(resumed), "--resume"] + other)
     assert r.exit_code == 1 and "different recipe" in r.stderr and "bits" in r.stderr
     assert state.is_file(), "a refused resume keeps the interrupted work"
 
