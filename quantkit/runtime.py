@@ -35,6 +35,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // self.group_size)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._dense: torch.Tensor | None = None
 
     def dequantize_weight(self) -> torch.Tensor:
         """W [N, K] in fp32."""
@@ -46,8 +47,11 @@ class QuantLinear(nn.Module):
         if kernels.use_triton(x.device):
             return kernels.quant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                         self.group_size, bias=self.bias)
-        w = self.dequantize_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        # torch path: unpacking costs more than the matmul, so the dense weight is kept after the
+        # first call (CPU fallback memory = the unquantized model's)
+        if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
+            self._dense = self.dequantize_weight().to(x.device, x.dtype)
+        return F.linear(x, self._dense, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
