@@ -23,7 +23,10 @@ def require_data(name: str) -> Path:
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[str, float, int]:
-    """Run ``cmd``; return (stdout, wall seconds, peak RSS in bytes of that child process)."""
+    """Run ``cmd``; return (stdout, wall seconds, peak RSS in bytes of that child process).
+
+    The child's ru_maxrss starts from the caller's RSS at fork: call it from a process that has
+    not imported torch, or the figures include the caller's memory."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={**os.environ, **(env or {})})
@@ -41,9 +44,10 @@ def quantkit(*args: str) -> list[str]:
     return [sys.executable, "-m", "quantkit.cli", *args]
 
 
-def eval_ppl(model: str | Path, dataset: Path, seqlen: int, max_tokens: int) -> float:
+def eval_ppl(model: str | Path, dataset: Path, seqlen: int, max_tokens: int, dtype: str = "float32") -> float:
+    """Perplexity by `quantkit eval` (one evaluator for every checkpoint, computing in ``dtype``)."""
     out, _, _ = timed(quantkit("eval", str(model), "--dataset", str(dataset), "--seqlen", str(seqlen),
-                               "--max-tokens", str(max_tokens), "--json"))
+                               "--max-tokens", str(max_tokens), "--dtype", dtype, "--json"))
     return json.loads(out.strip().splitlines()[-1])["perplexity"]
 
 

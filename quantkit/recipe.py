@@ -63,7 +63,8 @@ class Recipe:
     @property
     def export_format(self) -> str:
         """The concrete format: 'auto' picks GPTQ v1 for symmetric 4/8-bit (loadable everywhere),
-        compressed-tensors otherwise (vLLM loads its 2/3-bit and asymmetric models)."""
+        compressed-tensors otherwise (transformers + compressed-tensors load every bit width and
+        asymmetric grids; vLLM's support for 2/3-bit and asymmetric pack-quantized varies by version)."""
         if self.format != "auto":
             return self.format
         return "gptq" if self.sym and self.bits in (4, 8) else "compressed-tensors"

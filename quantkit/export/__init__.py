@@ -11,6 +11,7 @@ from torch import nn
 
 from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.export import awq, compressed_tensors, gptq
+from quantkit.export.card import model_card
 from quantkit.export.writer import ShardWriter, write_json, write_part
 from quantkit.model import Adapter
 from quantkit.packing import dequantize, unpack_cols, unpack_rows
@@ -99,6 +100,7 @@ class Exporter:
                 if (Path(source) / name).is_file() and not (self.folder / name).exists():
                     shutil.copy2(Path(source) / name, self.folder / name)
         write_json(self.folder / "quantkit.json", manifest)
+        (self.folder / "README.md").write_text(model_card(config, self.recipe, manifest))
 
 
 def manifest(recipe: Recipe, source: str, seconds: float, extra: dict | None = None) -> dict:
@@ -111,6 +113,7 @@ def manifest(recipe: Recipe, source: str, seconds: float, extra: dict | None = N
         "source_model": source,
         "format": recipe.export_format,
         "recipe": recipe.to_dict(),
+        "verified_with": FORMATS[recipe.export_format].VERIFIED_WITH,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "timings": {"quantize_seconds": round(seconds, 3)},
         **(extra or {}),

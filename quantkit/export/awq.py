@@ -16,6 +16,15 @@ from quantkit.recipe import Recipe
 
 LEAVES = ("qweight", "qzeros", "scales")
 
+# Loaders tests/test_interop.py checks these exports against (CPU, weights and logits); in quantkit.json.
+VERIFIED_WITH = {
+    "transformers": {
+        "packages": {"transformers": "5.24.0", "gptqmodel": "7.6.0"},
+        "notes": "AutoModelForCausalLM.from_pretrained on CPU with gptqmodel's AWQ kernels (AwqTorchLinear in fp32, "
+        "TorchAtenAwqLinear in fp16); 4-bit, zero points from 0 to 15; autoawq not tested",
+    },
+}
+
 
 def pack_linear(prefix: str, q: QuantizedWeight, recipe: Recipe) -> dict[str, torch.Tensor]:
     return {

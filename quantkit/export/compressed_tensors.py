@@ -21,6 +21,15 @@ from quantkit.recipe import Recipe
 
 LEAVES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
+# Loaders tests/test_interop.py checks these exports against (CPU, weights and logits); in quantkit.json.
+VERIFIED_WITH = {
+    "transformers": {
+        "packages": {"transformers": "5.17.0", "compressed-tensors": "0.19.0"},
+        "notes": "AutoModelForCausalLM.from_pretrained on CPU (decompressed to dense weights); 3- and 4-bit, sym and "
+        "asym, rotated. 3-bit needs compressed-tensors >= 0.18 (dense packing): older versions load it silently wrong",
+    },
+}
+
 
 def pack_linear(prefix: str, q: QuantizedWeight, recipe: Recipe) -> dict[str, torch.Tensor]:
     n, k = q.codes.shape

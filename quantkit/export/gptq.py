@@ -37,6 +37,20 @@ def pack_linear(prefix: str, q: QuantizedWeight, recipe: Recipe) -> dict[str, to
 
 LEAVES = ("qweight", "qzeros", "scales", "g_idx")
 
+# Loaders tests/test_interop.py checks these exports against (CPU, weights and logits); in quantkit.json.
+VERIFIED_WITH = {
+    "transformers": {
+        "packages": {"transformers": "5.24.0", "optimum": "2.3.0", "gptqmodel": "7.6.0"},
+        "notes": "AutoModelForCausalLM.from_pretrained on CPU with gptqmodel's torch kernels (TorchLinear in fp32, "
+        "TorchAtenLinear in fp16/bf16); 4-bit sym and asym, 3-bit asym, 8-bit sym",
+    },
+    "gptqmodel": {
+        "packages": {"gptqmodel": "7.6.0"},
+        "notes": "GPTQModel.load, symmetric exports only: it refuses sym=false GPTQ v1 checkpoints that gptqmodel "
+        "did not write",
+    },
+}
+
 
 def read_linear(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Tensor]:
     """Runtime layout (actual zero points) from a GPTQ Linear's qweight/qzeros/scales/g_idx."""

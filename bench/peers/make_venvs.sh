@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Create (once) the cached peer-tool venvs used by bench/peers/ probes, interop
+# tests and peer benchmarks.
+#
+#   bench/peers/make_venvs.sh              # both venvs
+#   bench/peers/make_venvs.sh gptqmodel    # only one
+#   QUANTKIT_PEERS_DIR=/some/dir bench/peers/make_venvs.sh
+#
+# Idempotent: a venv whose marker file (<venv>/.quantkit-ready) exists is
+# skipped. Delete the marker (or the venv) to rebuild. Progress goes to stderr;
+# stdout prints "<name>\t<venv path>" for each ready venv.
+#
+# torch is always pinned to 2.13.0 (the CPU wheel in the local find-links dir);
+# every later pip call repeats the pin so no resolver step can swap in another
+# (CUDA, multi-GB) build.
+set -euo pipefail
+
+PEERS_DIR="${QUANTKIT_PEERS_DIR:-$HOME/.cache/quantkit-peers}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+TORCH_PIN="torch==2.13.0"
+
+# Versions verified to work together (see bench/peers/FORMATS.md). The first
+# build resolved these from unpinned "optimum" / "llmcompressor"; they are pinned
+# so rebuilds reproduce the probed formats (compressed-tensors changed its 3-bit
+# layout in 0.18) and so pip does not backtrack for minutes.
+GPTQMODEL_PKGS=("gptqmodel==7.6.0" "optimum==2.3.0" "transformers==5.24.0" "safetensors")
+LLMC_PKGS=("llmcompressor==0.14.0.1" "compressed-tensors==0.19.0" "transformers==5.17.0")
+
+log() { echo "[make_venvs] $*" >&2; }
+
+make_venv() {
+    local name="$1"; shift
+    local venv="$PEERS_DIR/$name"
+    local marker="$venv/.quantkit-ready"
+    if [[ -f "$marker" ]]; then
+        log "$name: ready ($marker exists), skipping"
+        echo -e "$name\t$venv"
+        return 0
+    fi
+    log "$name: creating $venv with $($PYTHON --version 2>&1)"
+    rm -rf "$venv"
+    mkdir -p "$PEERS_DIR"
+    local t0; t0=$(date +%s)
+    "$PYTHON" -m venv "$venv"
+    local pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
+    log "$name: pip install $TORCH_PIN"
+    "${pip[@]}" "$TORCH_PIN" >&2
+    log "$name: pip install $* $TORCH_PIN"
+    "${pip[@]}" "$@" "$TORCH_PIN" >&2
+    local t1; t1=$(date +%s)
+    # Sanity: torch must still be the pinned CPU build.
+    "$venv/bin/python" - <<'EOF' >&2
+import torch, sys
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+print("torch", torch.__version__, file=sys.stderr)
+EOF
+    local size; size=$(du -sh "$venv" | cut -f1)
+    {
+        echo "created=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "install_seconds=$((t1 - t0))"
+        echo "size=$size"
+        echo "packages=$*"
+    } > "$venv/.quantkit-install-info"
+    "$venv/bin/python" -m pip freeze --disable-pip-version-check > "$venv/.quantkit-freeze.txt"
+    touch "$marker"
+    log "$name: done in $((t1 - t0))s, size $size"
+    echo -e "$name\t$venv"
+}
+
+targets=("$@")
+[[ ${#targets[@]} -eq 0 ]] && targets=(gptqmodel llmcompressor)
+for t in "${targets[@]}"; do
+    case "$t" in
+        gptqmodel) make_venv gptqmodel "${GPTQMODEL_PKGS[@]}" ;;
+        llmcompressor) make_venv llmcompressor "${LLMC_PKGS[@]}" ;;
+        *) log "unknown venv '$t' (known: gptqmodel llmcompressor)"; exit 2 ;;
+    esac
+done
