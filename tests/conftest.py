@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton reads this when it is first imported, which other tests' imports may trigger before
+# tests/test_kernels.py runs: set it for the whole session (CPU kernels run in the interpreter;
+# QuantLinear still takes the torch path unless QUANTKIT_KERNELS=triton).
+os.environ["TRITON_INTERPRET"] = "1"
+
 import random
 from pathlib import Path
 
