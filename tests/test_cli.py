@@ -38,6 +38,13 @@ def test_quantize_eval_inspect(tiny_llama, calib_text, tmp_path):
     assert r.exit_code == 0 and "gptq" in r.stdout and "MiB" in r.stdout
 
 
+def test_auto_format_says_which_and_why(tiny_llama, tmp_path):
+    r = invoke("quantize", tiny_llama, tmp_path / "q", "--method", "rtn", "--bits", 3, "--asym", "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["format"] == "compressed-tensors"
+    assert "--format auto chose compressed-tensors: GPTQ v1 cannot carry" in r.stderr
+
+
 def test_existing_output_needs_force(tiny_llama, tmp_path):
     out = tmp_path / "q"
     out.mkdir()
