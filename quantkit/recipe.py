@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 from quantkit.algos.quantizer import Grid
 from quantkit.errors import QuantkitError
@@ -82,9 +82,6 @@ class Recipe:
     def from_dict(cls, values: dict) -> "Recipe":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
-
-    def updated(self, **changes) -> "Recipe":
-        return replace(self, **changes)
 
 
 PRESETS = {
