@@ -41,7 +41,7 @@ def cli() -> None:
 @click.option("--sym/--asym", default=None, help="Symmetric or asymmetric grid.  [default: sym]")
 @click.option("--method", type=click.Choice(METHODS), help="Rounding: rtn or gptq.  [default: gptq]")
 @click.option("--damp", type=float, help="GPTQ damping, fraction of mean diag(H).  [default: 0.01]")
-@click.option("--act-order/--no-act-order", default=None, help="GPTQ column order by diag(H), static groups.")
+@click.option("--act-order/--no-act-order", default=None, help="GPTQ column order by diag(H), static groups.  [default: on]")
 @click.option("--rotate/--no-rotate", default=None, help="Fuse Hadamard rotations (R1 residual, R2 per head).")
 @click.option("--rotation-seed", type=int, help="Seed of the random rotation signs.  [default: 0]")
 @click.option("--importance", type=click.Choice(IMPORTANCE), help="Token importance weighting the Hessian.")
@@ -90,6 +90,8 @@ def quantize(model, output_dir, preset, fmt, device, offload, max_shard_size, fo
         show_progress=not quiet,
         keep_model=False,
     )
+    if result.output is None:  # a data-parallel helper process: rank 0 reports
+        return
     summary = {
         "output": str(result.output),
         "seconds": round(result.seconds, 3),

@@ -23,6 +23,7 @@ from quantkit.algos.hadamard import random_orthogonal
 from quantkit.algos.importance import activation_norm, attention_concentration, first_last, map_importance
 from quantkit.algos.quantizer import QuantizedWeight, rtn_quantize
 from quantkit.checkpoint import WeightSource
+from quantkit.distributed import World
 from quantkit.errors import QuantkitError
 from quantkit.fuse import check_rotatable, rotate_layer, rotate_model_ends, scale_readers
 from quantkit.model import Adapter
@@ -37,12 +38,16 @@ class _Captured(Exception):
 @dataclass
 class LayerInputs:
     """Calibration activations entering a decoder layer: hidden [b, L, C] per batch, kept on
-    ``storage`` (the compute device, or CPU when offloaded); kwargs live on the compute device."""
+    ``storage`` (the compute device, or CPU when offloaded); kwargs live on the compute device.
+    ``batch_ids`` numbers this process's batches among all (data parallel: a subset); ``world``
+    combines statistics across processes."""
 
     hidden: list[torch.Tensor]
     kwargs: dict
     device: torch.device
     storage: torch.device
+    batch_ids: list[int]
+    world: World
 
     def batches(self) -> Iterator[torch.Tensor]:
         for x in self.hidden:
@@ -94,9 +99,11 @@ def activation_storage(device: torch.device, tokens: torch.Tensor, hidden_size: 
 
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, adapter: Adapter, tokens: torch.Tensor, device: torch.device, batch: int, storage: torch.device
+    model: nn.Module, adapter: Adapter, tokens: torch.Tensor, device: torch.device, batch: int, storage: torch.device,
+    world: World = World(),
 ) -> LayerInputs:
-    """Run the embeddings on ``device`` and record what enters decoder layer 0, for tokens [S, L]."""
+    """Run the embeddings on ``device`` and record what enters decoder layer 0, for tokens [S, L]
+    cut into batches of ``batch`` windows (only this process's batches under data parallelism)."""
     first = adapter.layers(model)[0]
     pre = adapter.pre_layer_modules(model)
     seen: dict = {}
@@ -109,9 +116,12 @@ def capture_inputs(
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     for m in pre:
         m.to(device)
-    hidden = []
+    hidden, batch_ids = [], []
     try:
-        for start in range(0, tokens.shape[0], batch):
+        for b, start in enumerate(range(0, tokens.shape[0], batch)):
+            if not world.owns(b):
+                continue
+            batch_ids.append(b)
             try:
                 model.model(input_ids=tokens[start : start + batch].to(device), use_cache=False)
             except _Captured:
@@ -120,7 +130,7 @@ def capture_inputs(
         handle.remove()
         for m in pre:
             m.to("cpu")
-    return LayerInputs(hidden, seen["kwargs"], device, storage)
+    return LayerInputs(hidden, seen["kwargs"], device, storage, batch_ids, world)
 
 
 def _forward(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
@@ -203,6 +213,7 @@ def quantize_layers(
     weights: WeightSource | None = None,
     restore: Callable[[int, nn.Module], None] | None = None,
     start: int = 0,
+    world: World = World(),
 ) -> Iterator[tuple[int, dict[str, QuantizedWeight]]]:
     """Quantize every decoder layer in order; yields (layer index, {module name: quantized weight}).
 
@@ -210,18 +221,25 @@ def quantize_layers(
     with ``recipe.rotate`` the model is rotated first (its FP function is unchanged).
     ``weights``: layers live on meta and are read from it when reached, then released.
     ``start``/``restore``: layers before ``start`` are already done (resume) — ``restore(i, layer)``
-    puts back their quantized tensors, and they are only run to recompute the next inputs."""
+    puts back their quantized tensors, and they are only run to recompute the next inputs.
+    ``world``: data-parallel processes sharing the calibration batches (see quantkit.distributed)."""
     layers = adapter.layers(model)
     grid = recipe.grid
     rotation = prepare_rotation(model, adapter, recipe) if recipe.rotate else None
     inputs = None
     if tokens is not None:
         batch = max(1, batch_tokens // tokens.shape[1])
+        batches = -(-tokens.shape[0] // batch)
+        if batches < world.size:
+            raise QuantkitError(
+                f"{tokens.shape[0]} calibration windows make {batches} batches of {batch}, fewer than the "
+                f"{world.size} data-parallel processes: raise --nsamples or use fewer processes"
+            )
         storage = activation_storage(device, tokens, model.config.hidden_size, offload)
-        inputs = capture_inputs(model, adapter, tokens, device, batch, storage)
+        inputs = capture_inputs(model, adapter, tokens, device, batch, storage, world)
         _check_finite(inputs.hidden, "the embeddings' output")
 
-    with LayerProgress(len(layers), enabled=show_progress) as progress:
+    with LayerProgress(len(layers), enabled=show_progress and world.is_main) as progress:
         for i, layer in enumerate(layers):
             dtype = next(layer.parameters()).dtype
             if weights is not None:
@@ -255,9 +273,12 @@ def quantize_layers(
                 if recipe.method == "gptq":
                     progress.stage(i, "hessians " + "/".join(n.split(".")[-1] for n in group))
                     hessians = _collect_hessians(layer, modules, inputs, importance)
-                for name, module in modules.items():
+                for j, (name, module) in enumerate(modules.items()):
                     started = time.perf_counter()
-                    q, loss = _quantize_module(module, hessians.get(name), recipe, grid, f"layer {i} {name}")
+                    q, loss = None, None
+                    if world.owns(j):
+                        q, loss = _quantize_module(module, hessians.get(name), recipe, grid, f"layer {i} {name}")
+                    q, loss = world.share(j % world.size, q, loss, module.weight)
                     module.weight.data = q.dequantize().to(module.weight.dtype)
                     results[name] = _compact(q)
                     progress.module(i, len(layers), name, time.perf_counter() - started, loss)
@@ -316,21 +337,27 @@ def _observe_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, i
 
 
 def _sample_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, max_tokens: int = 4096) -> dict[str, InputSample]:
-    """What each of ``modules`` reads: mean |x| over all tokens and an evenly spaced subsample."""
-    total = sum(x.shape[0] * x.shape[1] for x in inputs.hidden)
+    """What each of ``modules`` reads: mean |x| over all tokens and an evenly spaced subsample
+    (every ``step``-th token of each batch, batches in order), combined over data-parallel ranks."""
+    world = inputs.world
+    total = int(world.sum_(torch.tensor(sum(x.shape[0] * x.shape[1] for x in inputs.hidden), dtype=torch.float64, device=inputs.device)).item())
     step = -(-total // max_tokens)
-    sums = {name: 0.0 for name in modules}
-    xs: dict[str, list] = {name: [] for name in modules}
-    rs: dict[str, list] = {name: [] for name in modules}
+    sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=inputs.device) for name, m in modules.items()}
+    xs: dict[str, dict] = {name: {} for name in modules}
+    rs: dict[str, dict] = {name: {} for name in modules}
 
     def record(name, x, r):
+        b = inputs.batch_ids[len(xs[name])]
         x = x.float()
-        sums[name] = sums[name] + x.abs().sum(0)
-        xs[name].append(x[::step])
-        rs[name].append(torch.ones(x.shape[0], device=x.device)[::step] if r is None else r[::step])
+        sums[name] += x.abs().sum(0)
+        xs[name][b] = x[::step]
+        rs[name][b] = torch.ones(x.shape[0], device=x.device)[::step] if r is None else r[::step]
 
     _observe_inputs(layer, modules, inputs, importance, record)
-    return {name: InputSample(sums[name] / total, torch.cat(xs[name]), torch.cat(rs[name])) for name in modules}
+    return {
+        name: InputSample((world.sum_(sums[name]) / total).float(), torch.cat(world.gather(xs[name])), torch.cat(world.gather(rs[name])))
+        for name in modules
+    }
 
 
 def awq_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, importance, recipe: Recipe, grid) -> list[str]:
@@ -361,6 +388,9 @@ def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs,
     """Accumulate each module's importance-weighted input Hessian over all calibration batches."""
     hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in modules.items()}
     _observe_inputs(layer, modules, inputs, importance, lambda name, x, r: hessians[name].add_batch(x, r))
+    for h in hessians.values():
+        inputs.world.sum_(h.sum)
+        h.tokens = int(inputs.world.sum_(torch.tensor(h.tokens, dtype=torch.float64, device=h.sum.device)).item())
     return hessians
 
 

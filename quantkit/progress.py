@@ -32,6 +32,7 @@ class LayerProgress:
             disable=not enabled,
         )
         self.task = self.progress.add_task("", total=total)
+        self.enabled = enabled
         self.started = time.perf_counter()
 
     def __enter__(self) -> "LayerProgress":
@@ -46,10 +47,12 @@ class LayerProgress:
 
     def module(self, layer: int, total: int, name: str, seconds: float, loss: float | None) -> None:
         shown = "" if loss is None else f"  loss {loss:.4g}"
-        self.progress.console.print(f"layer {layer + 1}/{total}  {name:<22} {seconds:6.2f}s{shown}")
+        if self.enabled:
+            self.progress.console.print(f"layer {layer + 1}/{total}  {name:<22} {seconds:6.2f}s{shown}")
 
     def note(self, layer: int, total: int, text: str) -> None:
-        self.progress.console.print(f"layer {layer + 1}/{total}  {text}")
+        if self.enabled:
+            self.progress.console.print(f"layer {layer + 1}/{total}  {text}")
 
     def layer_done(self) -> None:
         self.progress.advance(self.task)

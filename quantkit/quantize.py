@@ -16,6 +16,7 @@ from quantkit.calibration import circular_shifts, load_text, random_windows, tok
 from quantkit.errors import QuantkitError
 from quantkit.export import Exporter, manifest
 from quantkit.checkpoint import WeightSource
+from quantkit.distributed import World, init_world
 from quantkit.export.writer import finalize_output, prepare_output, temporary_dir
 from quantkit.model import Adapter, compute_device, load_model, load_model_lazy
 from quantkit.pipeline import quantize_layers
@@ -60,6 +61,7 @@ def quantize_model(
     offload: bool | None = None,
     weights: WeightSource | None = None,
     resume: ResumeState | None = None,
+    world: World = World(),
 ) -> None:
     """Quantize ``model`` in place (dequantized weights), streaming each finished layer to ``exporter``
     and recording progress in ``resume``."""
@@ -71,7 +73,7 @@ def quantize_model(
         exporter.restore_layer(i, f"{prefix}.{i}", layer)
 
     walk = quantize_layers(model, adapter, tokens, recipe, device, show_progress, offload=offload,
-                           weights=weights, restore=restore, start=start)
+                           weights=weights, restore=restore, start=start, world=world)
     for i, results in walk:
         if exporter is not None:
             exporter.add_layer(i, f"{prefix}.{i}", layers[i], results)
@@ -140,9 +142,17 @@ def run(
     released after export, so host memory holds one layer (``Run.model`` then has no layer weights)."""
     started = time.perf_counter()
     out = Path(output) if output is not None else None
-    if out is not None and out.exists() and not force:
+    dev = compute_device(device)
+    world = init_world(dev)
+    if world.size > 1 and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", world.rank % torch.cuda.device_count())
+    if world.size > 1 and resume:
+        raise QuantkitError("--resume runs in a single process: rerun the same command without torchrun "
+                            "(the result is the same as a data-parallel run's)")
+    writes = out is not None and world.is_main
+    if writes and out.exists() and not force:
         raise QuantkitError(f"output folder '{out}' exists: choose another path or pass --force to replace it")
-    if out is not None and resume and ResumeState.load(temporary_dir(out)) is None:
+    if writes and resume and ResumeState.load(temporary_dir(out)) is None:
         raise QuantkitError(f"nothing to resume: {temporary_dir(out)} holds no interrupted run of '{out}'")
     if keep_model or out is None:
         model, tokenizer, adapter = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
@@ -150,16 +160,17 @@ def run(
     else:
         model, tokenizer, adapter, weights = load_model_lazy(source, trust_remote_code, allow_pickle)
     tokens = calibration_tokens(tokenizer, calibration, recipe) if needs_calibration(recipe) else None
-    dev = compute_device(device)
-    log(f"quantizing {source} → {out or '(memory)'}: {recipe.bits}-bit, group {recipe.group_size}, "
-        f"{'sym' if recipe.sym else 'asym'}, {recipe.method}, format {recipe.export_format}, device {dev}")
-    if recipe.format == "auto":
+    if world.is_main:
+        parallel = f", {world.size} data-parallel processes" if world.size > 1 else ""
+        log(f"quantizing {source} → {out or '(memory)'}: {recipe.bits}-bit, group {recipe.group_size}, "
+            f"{'sym' if recipe.sym else 'asym'}, {recipe.method}, format {recipe.export_format}, device {dev}{parallel}")
+    if recipe.format == "auto" and world.is_main:
         why = ("symmetric 4/8-bit GPTQ loads in transformers, GPTQModel and vLLM" if recipe.export_format == "gptq" else
                "GPTQ v1 cannot carry this grid everywhere (asymmetric zero points, 2/3-bit kernels); "
                "transformers + compressed-tensors load it exactly")
         log(f"--format auto chose {recipe.export_format}: {why}")
-    if out is None:
-        quantize_model(model, adapter, recipe, tokens, dev, None, show_progress, offload)
+    if not writes:
+        quantize_model(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world)
         return Run(model, None, time.perf_counter() - started)
     tmp = prepare_output(out, force, resume)
     state = ResumeState.load(tmp) if resume else None
@@ -171,7 +182,7 @@ def run(
         state.save()
     try:
         exporter = Exporter(tmp, recipe, max_shard_bytes)
-        quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state)
+        quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state, world)
         seconds = time.perf_counter() - started
         extra = {"source_bytes": _folder_bytes(Path(source))}
         exporter.finish(model, adapter, source, tokenizer, manifest(recipe, source, seconds, extra))

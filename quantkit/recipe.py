@@ -21,7 +21,7 @@ class Recipe:
     method: str = "gptq"
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
     format: str = "auto"
     nsamples: int = 128
     seqlen: int = 512

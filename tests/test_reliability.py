@@ -14,18 +14,10 @@ import torch
 from click.testing import CliRunner
 
 from conftest import make_tiny_model
+from tests_support import export_files
 from quantkit.cli import cli
 
 QUANTIZE = [sys.executable, "-m", "quantkit.cli", "quantize"]
-
-
-def export_files(folder: Path) -> dict[str, bytes]:
-    """Every file of an export; quantkit.json without its timings (they differ run to run)."""
-    files = {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
-    manifest = json.loads(files.pop("quantkit.json"))
-    manifest.pop("timings")
-    files["quantkit.json"] = json.dumps(manifest, sort_keys=True).encode()
-    return files
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +67,22 @@ def test_same_recipe_and_seed_give_identical_exports(tiny_llama, calib_text, tmp
     assert export_files(tmp_path / "a") == export_files(tmp_path / "b")
 
 
+# Linux keeps ru_maxrss across fork and exec, so a child forked from this (large) test process
+# would report at least our own RSS: a small Python launches the command and reports its peak.
+MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(proc.pid, 0)
+sys.stderr.write(proc.stderr.read().decode()[-2000:])
+print(usage.ru_maxrss * 1024)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def peak_rss(cmd: list[str]) -> int:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-2000:]
-    return usage.ru_maxrss * 1024
+    r = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
 
 
 def test_peak_rss_does_not_grow_with_layers(tmp_path):

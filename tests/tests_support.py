@@ -1,6 +1,16 @@
-"""Helpers for tests that need checkpoints of other architectures."""
+"""Helpers shared by tests: checkpoints of other architectures, export comparison."""
 
+import json
 from pathlib import Path
+
+
+def export_files(folder: Path) -> dict[str, bytes]:
+    """Every file of an export; quantkit.json without its timings (they differ run to run)."""
+    files = {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+    manifest = json.loads(files.pop("quantkit.json"))
+    manifest.pop("timings")
+    files["quantkit.json"] = json.dumps(manifest, sort_keys=True).encode()
+    return files
 
 
 def save_gpt2(folder: Path) -> Path:

@@ -20,10 +20,14 @@ class CholeskyError(RuntimeError):
 
 
 class Hessian:
-    """Running sum Σ_t r_t x_t x_tᵀ [K, K] (fp32) and token count n; ``value`` = 2·sum / n."""
+    """Running sum Σ_t r_t x_t x_tᵀ [K, K] and token count n; ``value`` = 2·sum / n (float32).
+
+    Each batch's partial sum is a float32 matmul; the partials are added in float64, where sums of
+    float32 values are exact (unless their magnitudes differ by more than 2^29), so the total does
+    not depend on the order the batches arrive in, e.g. from data-parallel ranks."""
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> None:
@@ -31,12 +35,12 @@ class Hessian:
         x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)
         if importance is not None:
             x = x * importance.reshape(-1, 1).to(x.device, torch.float32).sqrt()
-        self.sum.addmm_(x.t(), x)
+        self.sum += x.t() @ x
         self.tokens += x.shape[0]
 
     @property
     def value(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(self.tokens, 1))
+        return (self.sum * (2.0 / max(self.tokens, 1))).float()
 
 
 @dataclass
