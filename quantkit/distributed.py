@@ -80,18 +80,21 @@ class World:
         return QuantizedWeight(codes, scales, zeros, g_idx, bits, group), shared_loss
 
 
-def init_world(device: torch.device) -> World:
-    """The data-parallel world torchrun describes in the environment (WORLD_SIZE, RANK), else size 1.
+def init_world(device: torch.device) -> tuple[World, torch.device]:
+    """The data-parallel world torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK),
+    else size 1; and this process's compute device (``cuda`` becomes ``cuda:LOCAL_RANK``).
 
     Uses NCCL for CUDA devices and gloo otherwise."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World()
+        return World(), device
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world = World(dist.get_rank(), dist.get_world_size())
     if not world.is_main:
         console.quiet = True  # rank 0 reports; errors still reach stderr through the CLI
-    return world
+    return world, device

@@ -143,9 +143,7 @@ def run(
     started = time.perf_counter()
     out = Path(output) if output is not None else None
     dev = compute_device(device)
-    world = init_world(dev)
-    if world.size > 1 and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", world.rank % torch.cuda.device_count())
+    world, dev = init_world(dev)
     if world.size > 1 and resume:
         raise QuantkitError("--resume runs in a single process: rerun the same command without torchrun "
                             "(the result is the same as a data-parallel run's)")
