@@ -66,7 +66,7 @@ def main() -> None:
             model = smollm2
             if name == "random-1b":
                 model, params = random_1b(smollm2, Path(tmp) / "random-1b")
-            recipe = ["--bits", "4", "--group-size", "128", "--sym", "--method", "gptq", "--calibration", str(calib),
+            recipe = ["--bits", "4", "--group-size", "64", "--sym", "--method", "gptq", "--calibration", str(calib),
                       "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu", "--quiet"]
             outs = {}
             for mode in ("single", f"torchrun×{args.nproc}"):
@@ -84,7 +84,7 @@ def main() -> None:
             a, b = outs.values()
             same = all(filecmp.cmp(f, b / f.name, shallow=False) for f in sorted(a.glob("*.safetensors")))
             rows[-1]["identical_to_single"] = same
-    print(f"\nGPTQ W4 g128 sym, C4 {args.nsamples}×{args.seqlen}, CPU, one thread per process")
+    print(f"\nGPTQ W4 g64 sym, C4 {args.nsamples}×{args.seqlen}, CPU, one thread per process")
     print("| model | mode | wall s | peak RSS MiB (largest process) | export identical |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['mode']} | {r['seconds']} | {r['peak_rss_mib']} | {r.get('identical_to_single', '–')} |")
