@@ -35,6 +35,11 @@ def check_rotatable(model: nn.Module, adapter: Adapter) -> None:
             _check_rms_norm(layer.get_submodule(norm_name), f"layer {i} {norm_name}")
 
 
+def _scaled_rows(Q: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """diag(γ) Q in float64: folding a norm's weight γ [C] and rotating Q [C, C] in one product."""
+    return gamma.detach().to(Q.device, torch.float64)[:, None] * Q.double()
+
+
 @torch.no_grad()
 def rotate_model_ends(model: nn.Module, adapter: Adapter, Q: torch.Tensor) -> None:
     """Embeddings write x Q; the final norm is folded into the LM head, which reads x Q.
@@ -44,7 +49,7 @@ def rotate_model_ends(model: nn.Module, adapter: Adapter, Q: torch.Tensor) -> No
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
         model.config.tie_word_embeddings = False
     embed.weight.data = rotate_input(embed.weight.data, Q)  # rows of E are residual vectors: E Q
-    head.weight.data = rotate_input(fold_norm(head.weight.data, norm.weight.data), Q)
+    head.weight.data = rotate_input(head.weight.data, _scaled_rows(Q, norm.weight))  # W diag(γ) Q
     norm.weight.data.fill_(1)
 
 
@@ -56,7 +61,7 @@ def rotate_layer(layer: nn.Module, adapter: Adapter, Q: torch.Tensor, R2: torch.
         norm = layer.get_submodule(norm_name)
         for name in readers:
             linear = layer.get_submodule(name)
-            linear.weight.data = rotate_input(fold_norm(linear.weight.data, norm.weight.data), Q)
+            linear.weight.data = rotate_input(linear.weight.data, _scaled_rows(Q, norm.weight))
         norm.weight.data.fill_(1)
     for name in adapter.residual_writers:
         linear = layer.get_submodule(name)

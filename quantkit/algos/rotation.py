@@ -18,9 +18,14 @@ def fold_norm(W: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return (W.double() * gamma.double()[None, :]).to(W.dtype)
 
 
-def rotate_input(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """W [out, in] Q [in, in]."""
-    return (W.double() @ Q.to(W.device, torch.float64)).to(W.dtype)
+def rotate_input(W: torch.Tensor, Q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """W [out, in] Q [in, in], ``rows`` rows at a time so that float64 copies of a large
+    embedding or LM head (vocab × hidden) are never made whole."""
+    Q = Q.to(W.device, torch.float64)
+    out = torch.empty_like(W)
+    for r in range(0, W.shape[0], rows):
+        out[r : r + rows] = (W[r : r + rows].double() @ Q).to(W.dtype)
+    return out
 
 
 def rotate_output(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
