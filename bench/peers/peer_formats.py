@@ -5,6 +5,8 @@ Independent of gptqmodel / compressed-tensors so the probes can check the
 peers' own kernels against them, and interop tests can reuse them. All
 functions return float32 weights shaped like nn.Linear.weight: [out, in].
 """
+import os
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -148,3 +150,29 @@ def ct_pack_quantized_dequant(weight_packed, weight_scale, weight_shape, bits,
     else:
         zp = weight_zero_point.float()
     return scale[:, g] * (q.float() - zp[:, g])
+
+
+# shared by the probes
+
+def err(e):
+    """One line naming an exception, for the probes' JSON."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def read_ckpt(ckpt):
+    from safetensors import safe_open
+    tensors, meta = {}, {}
+    for fn in sorted(os.listdir(ckpt)):
+        if fn.endswith(".safetensors"):
+            with safe_open(os.path.join(ckpt, fn), "pt") as f:
+                meta[fn] = f.metadata()
+                for k in f.keys():
+                    tensors[k] = f.get_tensor(k)
+    return tensors, meta
+
+
+def get_module(model, name):
+    mod = model
+    for p in name.split("."):
+        mod = getattr(mod, p)
+    return mod

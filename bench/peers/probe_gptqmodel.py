@@ -68,10 +68,6 @@ def versions():
     return out
 
 
-def err(e):
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-
-
 # --------------------------------------------------------------------------- quantize
 
 def calib_samples(n, seqlen, vocab, seed):
@@ -115,20 +111,8 @@ def cmd_quantize(a):
 
 # --------------------------------------------------------------------------- inspect
 
-def read_ckpt(ckpt):
-    from safetensors import safe_open
-    tensors, meta = {}, {}
-    for fn in sorted(os.listdir(ckpt)):
-        if fn.endswith(".safetensors"):
-            with safe_open(os.path.join(ckpt, fn), "pt") as f:
-                meta[fn] = f.metadata()
-                for k in f.keys():
-                    tensors[k] = f.get_tensor(k)
-    return tensors, meta
-
-
 def cmd_inspect(a):
-    tensors, meta = read_ckpt(a.ckpt)
+    tensors, meta = pf.read_ckpt(a.ckpt)
     cfg = json.load(open(os.path.join(a.ckpt, "config.json")))
     qcfg = cfg.get("quantization_config")
     bits = qcfg["bits"]
@@ -190,13 +174,6 @@ def reference_model(ckpt, tensors, bits, zero_mode):
     return m
 
 
-def get_module(model, name):
-    mod = model
-    for p in name.split("."):
-        mod = getattr(mod, p)
-    return mod
-
-
 def identity_weight(module, in_f, dtype):
     """Effective W [out, in] of a quantized linear via forward(eye)."""
     with torch.no_grad():
@@ -208,7 +185,7 @@ def identity_weight(module, in_f, dtype):
 
 
 def cmd_load(a):
-    tensors, _ = read_ckpt(a.ckpt)
+    tensors, _ = pf.read_ckpt(a.ckpt)
     cfg = json.load(open(os.path.join(a.ckpt, "config.json")))
     bits = cfg["quantization_config"]["bits"]
     vocab = cfg["vocab_size"]
@@ -219,7 +196,7 @@ def cmd_load(a):
         rm = reference_model(a.ckpt, tensors, bits, zm)
         with torch.no_grad():
             refs[zm] = rm(ids).logits.float()
-        ref_w[zm] = get_module(rm, a.module).weight.detach().float()
+        ref_w[zm] = pf.get_module(rm, a.module).weight.detach().float()
     facts = {"cmd": "load", "ckpt": os.path.abspath(a.ckpt), "versions": versions(), "results": [],
              "reference_logits_absmax": round(refs["v1"].abs().max().item(), 4),
              "reference_v1_vs_v2_logits_maxdiff": round((refs["v1"] - refs["v2"]).abs().max().item(), 4),
@@ -230,7 +207,7 @@ def cmd_load(a):
         with torch.no_grad():
             ol = om(ids).logits.float()
         facts["orig_vs_reference_v1_logits_maxdiff"] = round((ol - refs["v1"]).abs().max().item(), 4)
-        ow = get_module(om, a.module).weight.detach().float()
+        ow = pf.get_module(om, a.module).weight.detach().float()
         facts["orig_vs_dequant_weight_maxdiff"] = round((ow - ref_w["v1"]).abs().max().item(), 5)
         facts["orig_weight_absmax"] = round(ow.abs().max().item(), 5)
     for loader in a.loaders.split(","):
@@ -262,7 +239,7 @@ def load_one(ckpt, loader, dt, ids, refs, ref_w, modname, backend=None):
             else:
                 raise ValueError(loader)
         r["load_seconds"] = round(time.time() - t0, 2)
-        mod = get_module(hf, modname)
+        mod = pf.get_module(hf, modname)
         r["kernel"] = type(mod).__name__
         r["kernel_module"] = type(mod).__module__
         kernels = sorted({type(m).__name__ for n, m in hf.named_modules() if hasattr(m, "qweight")})
@@ -285,12 +262,12 @@ def load_one(ckpt, loader, dt, ids, refs, ref_w, modname, backend=None):
             r["kernel_weight_best_match"] = min(r["kernel_weight_maxdiff_vs_dequant"],
                                                 key=r["kernel_weight_maxdiff_vs_dequant"].get)
         except Exception as e:  # noqa: BLE001
-            r["identity_forward_error"] = err(e)
+            r["identity_forward_error"] = pf.err(e)
         r["ok"] = True
         del model, hf
     except Exception as e:  # noqa: BLE001
         r["ok"] = False
-        r["error"] = err(e)
+        r["error"] = pf.err(e)
         r["traceback_tail"] = traceback.format_exc().strip().splitlines()[-3:]
     return r
 
@@ -322,7 +299,7 @@ def cmd_config_keys(a):
             json.dump(c, open(os.path.join(tmp, "config.json"), "w"), indent=2)
             with quiet_stdout(), torch.no_grad():
                 m = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map="cpu")
-                return m(ids).logits.float(), type(get_module(m, a.module)).__name__
+                return m(ids).logits.float(), type(pf.get_module(m, a.module)).__name__
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -346,7 +323,7 @@ def cmd_config_keys(a):
             out["variants"][name] = {"ok": True, "kernel": kern,
                                      "logits_maxdiff": round((lg - base).abs().max().item(), 4)}
         except Exception as e:  # noqa: BLE001
-            out["variants"][name] = {"ok": False, "error": err(e)}
+            out["variants"][name] = {"ok": False, "error": pf.err(e)}
     return out
 
 
@@ -473,7 +450,7 @@ def cmd_foreign(a):
                         hf = m.model
                 with torch.no_grad():
                     lg = hf(ids).logits.float()
-                mod = get_module(hf, mod0)
+                mod = pf.get_module(hf, mod0)
                 r["ok"] = True
                 r["kernel"] = type(mod).__name__
                 r["logits_maxdiff_vs_own_reference"] = round((lg - ref_logits).abs().max().item(), 4)
@@ -482,7 +459,7 @@ def cmd_foreign(a):
                 del m, hf
             except Exception as e:  # noqa: BLE001
                 r["ok"] = False
-                r["error"] = err(e)
+                r["error"] = pf.err(e)
             res["results"][f"{name} [{loader}]"] = r
     return res
 

@@ -57,10 +57,6 @@ def versions():
     return out
 
 
-def err(e):
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-
-
 def tstr(t):
     return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
 
@@ -119,18 +115,6 @@ def cmd_quantize(a):
 
 # --------------------------------------------------------------------------- inspect
 
-def read_ckpt(ckpt):
-    from safetensors import safe_open
-    tensors, meta = {}, {}
-    for fn in sorted(os.listdir(ckpt)):
-        if fn.endswith(".safetensors"):
-            with safe_open(os.path.join(ckpt, fn), "pt") as f:
-                meta[fn] = f.metadata()
-                for k in f.keys():
-                    tensors[k] = f.get_tensor(k)
-    return tensors, meta
-
-
 def weights_cfg(qcfg):
     grp = next(iter(qcfg["config_groups"].values()))
     return grp["weights"]
@@ -145,7 +129,7 @@ def dequant_module(tensors, mod, w, layout):
 
 
 def cmd_inspect(a):
-    tensors, meta = read_ckpt(a.ckpt)
+    tensors, meta = pf.read_ckpt(a.ckpt)
     cfg = json.load(open(os.path.join(a.ckpt, "config.json")))
     qcfg = cfg.get("quantization_config")
     w = weights_cfg(qcfg)
@@ -173,7 +157,7 @@ def cmd_inspect(a):
             u = (pf.unpack_stream if layout == "stream" else pf.unpack_per_word)(packed, bits, shape[1], 1)
             facts[f"code_histogram_{layout}"] = {int(k): int(v) for k, v in zip(*torch.unique(u, return_counts=True))}
         except Exception as e:  # noqa: BLE001
-            facts[f"code_histogram_{layout}"] = err(e)
+            facts[f"code_histogram_{layout}"] = pf.err(e)
     zp = tensors.get(mod + ".weight_zero_point")
     if zp is not None:
         facts["zero_point_raw"] = tstr(zp)
@@ -188,7 +172,7 @@ def cmd_inspect(a):
                     facts[f"zero_point_unsigned_histogram_{layout}"] = {
                         int(k): int(v) for k, v in zip(*torch.unique(z, return_counts=True))}
                 except Exception as e:  # noqa: BLE001
-                    facts[f"zero_point_unsigned_histogram_{layout}"] = err(e)
+                    facts[f"zero_point_unsigned_histogram_{layout}"] = pf.err(e)
     gi = tensors.get(mod + ".weight_g_idx")
     if gi is not None:
         facts["weight_g_idx_first_40"] = gi[:40].tolist()
@@ -199,13 +183,6 @@ def cmd_inspect(a):
 
 def quant_modules(tensors):
     return sorted({k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")})
-
-
-def get_module(model, name):
-    mod = model
-    for p in name.split("."):
-        mod = getattr(mod, p)
-    return mod
 
 
 def reference_model(ckpt, tensors, w, layout):
@@ -233,7 +210,7 @@ def effective_weight(module, in_f, dtype):
 
 
 def cmd_load(a, ids=None):
-    tensors, _ = read_ckpt(a.ckpt)
+    tensors, _ = pf.read_ckpt(a.ckpt)
     cfg = json.load(open(os.path.join(a.ckpt, "config.json")))
     w = weights_cfg(cfg["quantization_config"])
     if ids is None:
@@ -244,9 +221,9 @@ def cmd_load(a, ids=None):
             rm = reference_model(a.ckpt, tensors, w, layout)
             with torch.no_grad():
                 refs[layout] = rm(ids).logits.float()
-            ref_w[layout] = get_module(rm, a.module).weight.detach().float()
+            ref_w[layout] = pf.get_module(rm, a.module).weight.detach().float()
         except Exception as e:  # noqa: BLE001
-            log("reference", layout, err(e))
+            log("reference", layout, pf.err(e))
     facts = {"cmd": "load", "ckpt": os.path.abspath(a.ckpt), "versions": versions(), "results": []}
     if "stream" in refs and "per_word" in refs:
         facts["reference_stream_vs_per_word_weight_maxdiff"] = round(
@@ -254,7 +231,7 @@ def cmd_load(a, ids=None):
     if getattr(a, "orig", None):
         from transformers import AutoModelForCausalLM
         om = AutoModelForCausalLM.from_pretrained(a.orig, dtype=torch.float32)
-        ow = get_module(om, a.module).weight.detach().float()
+        ow = pf.get_module(om, a.module).weight.detach().float()
         facts["orig_vs_dequant_stream_weight_maxdiff"] = round((ow - ref_w["stream"]).abs().max().item(), 5)
         facts["orig_weight_absmax"] = round(ow.abs().max().item(), 5)
         with torch.no_grad():
@@ -278,7 +255,7 @@ def load_one(ckpt, dt, dq, ids, refs, ref_w, modname):
             kw["quantization_config"] = CompressedTensorsConfig(dequantize=(dq == "true"))
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="cpu", **kw)
         r["load_seconds"] = round(time.time() - t0, 2)
-        mod = get_module(model, modname)
+        mod = pf.get_module(model, modname)
         r["module_class"] = f"{type(mod).__module__}.{type(mod).__name__}"
         r["module_params_after_load"] = {n: tstr(p) for n, p in list(mod.named_parameters()) + list(mod.named_buffers())}
         r["quantization_status"] = str(getattr(getattr(mod, "quantization_scheme", None), "weights", None) and
@@ -300,12 +277,12 @@ def load_one(ckpt, dt, dq, ids, refs, ref_w, modname):
             r["effective_weight_maxdiff_vs_dequant"] = {k: round((ew - v).abs().max().item(), 6)
                                                         for k, v in ref_w.items()}
         except Exception as e:  # noqa: BLE001
-            r["identity_forward_error"] = err(e)
+            r["identity_forward_error"] = pf.err(e)
         r["ok"] = True
         del model
     except Exception as e:  # noqa: BLE001
         r["ok"] = False
-        r["error"] = err(e)
+        r["error"] = pf.err(e)
         r["traceback_tail"] = traceback.format_exc().strip().splitlines()[-4:]
     return r
 
@@ -445,7 +422,7 @@ def cmd_foreign(a):
             m = AutoModelForCausalLM.from_pretrained(a.out, dtype=getattr(torch, a.dtype), device_map="cpu")
             with torch.no_grad():
                 lg = m(ids).logits.float()
-            mod = get_module(m, mod0)
+            mod = pf.get_module(m, mod0)
             r["ok"] = True
             r["module_class"] = type(mod).__name__
             r["logits_maxdiff_vs_own_reference"] = round((lg - ref_logits).abs().max().item(), 4)
@@ -461,7 +438,7 @@ def cmd_foreign(a):
             del m
         except Exception as e:  # noqa: BLE001
             r["ok"] = False
-            r["error"] = err(e)
+            r["error"] = pf.err(e)
             r["traceback_tail"] = traceback.format_exc().strip().splitlines()[-3:]
         facts["results"][name] = r
     # leave the "minimal" config in place
