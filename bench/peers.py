@@ -40,6 +40,7 @@ SEED = 0
 RECIPES = {"w4g64": (4, 64, True), "w3g64": (3, 64, False), "w2g64": (2, 64, False)}  # bits, group, sym
 TOOLS = {  # name: (venv or "quantkit", method)
     "quantkit-gptq": ("quantkit", "gptq"),
+    "quantkit-rotate": ("quantkit", "gptq+rotate"),
     "quantkit-rsq": ("quantkit", "rsq"),
     "gptqmodel-gptq": ("gptqmodel", "gptq"),
     "llmcompressor-gptq": ("llmcompressor", "gptq"),

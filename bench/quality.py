@@ -43,12 +43,13 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=32768)
-    ap.add_argument("--extra", nargs="*", default=[], help="quantize flags added to every run, e.g. --importance-min 0.1")
+    ap.add_argument("--extra", nargs="*", default=[], help='quantize flags added to every run, quoted: --extra "--importance-min 0.1"')
+    ap.add_argument("--fp-ppl", type=float, help="FP32 perplexity already measured with these eval settings (skips it)")
     ap.add_argument("--name", default="quality", help="results file bench/results/NAME.json")
     args = ap.parse_args()
     calib, test = require_data("c4-sample.txt"), require_data("wikitext2-test.txt")
     model = timed(quantkit("prepare-model", "smollm2-135m"))[0].strip().splitlines()[-1]
-    fp = eval_ppl(model, test, args.seqlen, args.eval_tokens)
+    fp = args.fp_ppl or eval_ppl(model, test, args.seqlen, args.eval_tokens)
     print(f"FP32 ppl {fp:.3f}", flush=True)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +62,7 @@ def main() -> None:
                                        "--sym" if args.sym else "--asym", "--calibration", str(calib),
                                        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                                        "--seed", str(seed), "--rotation-seed", str(seed), "--quiet", "--json", "--force",
-                                       *RECIPES[recipe], *args.extra)
+                                       *RECIPES[recipe], *(t for e in args.extra for t in e.split()))
                         _, seconds, rss = timed(cmd)
                         run = {"recipe": recipe, "bits": bits, "group_size": group, "seed": seed,
                                "seconds": round(seconds, 1), "peak_rss_mib": round(rss / 2**20),

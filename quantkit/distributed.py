@@ -2,13 +2,12 @@
 
 Batch b (of ``--nsamples`` windows cut into forward batches) belongs to rank b mod world size.
 Each rank runs every layer on its own batches only; before each solve the statistics that span
-all tokens are combined: Hessian sums and token counts are summed, AWQ's input samples are
-gathered in batch order. The solves of a true-sequential group are spread over the ranks
+all tokens are combined: Hessian sums, mean-|x| sums and token counts are summed. The solves of a true-sequential group are spread over the ranks
 (module j on rank j mod size) and their results broadcast, so every rank holds the same
 quantized layer. Rank 0 alone writes the export.
 
 The export equals the single-process one: the batches are the same, every rank computes the
-same per-batch partial sums, and partial Hessians are added in float64, where sums of float32
+same per-batch partial sums, and partial sums are added in float64, where sums of float32
 values are exact unless their magnitudes differ by more than 2^29.
 """
 
@@ -44,16 +43,6 @@ class World:
         if self.size > 1:
             dist.all_reduce(t)
         return t
-
-    def gather(self, items: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        """Every rank's {batch index: tensor} on every rank, as a list in batch order (CPU tensors)."""
-        if self.size == 1:
-            return [items[b] for b in sorted(items)]
-        parts: list[dict | None] = [None] * self.size
-        dist.all_gather_object(parts, {b: t.cpu() for b, t in items.items()})
-        device = next(iter(items.values())).device if items else torch.device("cpu")
-        merged = {b: t for part in parts for b, t in part.items()}
-        return [merged[b].to(device) for b in sorted(merged)]
 
     def share(self, owner: int, q: QuantizedWeight | None, loss: float | None, like: torch.Tensor) -> tuple[QuantizedWeight, float | None]:
         """The quantized weight (and GPTQ loss) that rank ``owner`` computed for a Linear whose weight

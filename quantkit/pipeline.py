@@ -39,14 +39,13 @@ class _Captured(Exception):
 class LayerInputs:
     """Calibration activations entering a decoder layer: hidden [b, L, C] per batch, kept on
     ``storage`` (the compute device, or CPU when offloaded); kwargs live on the compute device.
-    ``batch_ids`` numbers this process's batches among all (data parallel: a subset); ``world``
-    combines statistics across processes."""
+    Data parallel: ``hidden`` holds this process's batches only; ``world`` combines statistics
+    across processes."""
 
     hidden: list[torch.Tensor]
     kwargs: dict
     device: torch.device
     storage: torch.device
-    batch_ids: list[int]
     world: World
 
     def batches(self) -> Iterator[torch.Tensor]:
@@ -116,12 +115,11 @@ def capture_inputs(
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     for m in pre:
         m.to(device)
-    hidden, batch_ids = [], []
+    hidden = []
     try:
         for b, start in enumerate(range(0, tokens.shape[0], batch)):
             if not world.owns(b):
                 continue
-            batch_ids.append(b)
             try:
                 model.model(input_ids=tokens[start : start + batch].to(device), use_cache=False)
             except _Captured:
@@ -130,7 +128,7 @@ def capture_inputs(
         handle.remove()
         for m in pre:
             m.to("cpu")
-    return LayerInputs(hidden, seen["kwargs"], device, storage, batch_ids, world)
+    return LayerInputs(hidden, seen["kwargs"], device, storage, world)
 
 
 def _forward(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
@@ -298,13 +296,12 @@ def _release(layer: nn.Module, dtype: torch.dtype, weights: WeightSource | None)
 
 
 @dataclass
-class InputSample:
-    """A Linear's calibration inputs: mean |x| [C] over all tokens, an evenly spaced subsample
-    x [T', C] and its tokens' importance r [T']."""
+class InputStats:
+    """What a Linear reads over all calibration tokens (all data-parallel ranks): mean |x| [C]
+    and the importance-weighted Hessian (2/N) Σ_t r_t x_t x_tᵀ."""
 
     absmean: torch.Tensor
-    x: torch.Tensor
-    r: torch.Tensor
+    hessian: Hessian
 
 
 def _observe_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, record) -> None:
@@ -336,28 +333,24 @@ def _observe_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, i
             h.remove()
 
 
-def _sample_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, max_tokens: int = 4096) -> dict[str, InputSample]:
-    """What each of ``modules`` reads: mean |x| over all tokens and an evenly spaced subsample
-    (every ``step``-th token of each batch, batches in order), combined over data-parallel ranks."""
-    world = inputs.world
-    total = int(world.sum_(torch.tensor(sum(x.shape[0] * x.shape[1] for x in inputs.hidden), dtype=torch.float64, device=inputs.device)).item())
-    step = -(-total // max_tokens)
-    sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=inputs.device) for name, m in modules.items()}
-    xs: dict[str, dict] = {name: {} for name in modules}
-    rs: dict[str, dict] = {name: {} for name in modules}
+def _input_statistics(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance) -> dict[str, InputStats]:
+    """Accumulate each module's input statistics over all calibration batches, combined over ranks
+    (float64 sums of per-batch float32 partials: independent of how batches are split)."""
+    hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in modules.items()}
+    sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in modules.items()}
 
     def record(name, x, r):
-        b = inputs.batch_ids[len(xs[name])]
-        x = x.float()
-        sums[name] += x.abs().sum(0)
-        xs[name][b] = x[::step]
-        rs[name][b] = torch.ones(x.shape[0], device=x.device)[::step] if r is None else r[::step]
+        hessians[name].add_batch(x, r)
+        sums[name] += x.float().abs().sum(0)
 
     _observe_inputs(layer, modules, inputs, importance, record)
-    return {
-        name: InputSample((world.sum_(sums[name]) / total).float(), torch.cat(world.gather(xs[name])), torch.cat(world.gather(rs[name])))
-        for name in modules
-    }
+    stats = {}
+    for name, h in hessians.items():
+        inputs.world.sum_(h.sum)
+        inputs.world.sum_(sums[name])
+        h.tokens = int(inputs.world.sum_(torch.tensor(h.tokens, dtype=torch.float64, device=h.sum.device)).item())
+        stats[name] = InputStats((sums[name] / max(h.tokens, 1)).float(), h)
+    return stats
 
 
 def awq_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, importance, recipe: Recipe, grid) -> list[str]:
@@ -371,27 +364,22 @@ def awq_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, importanc
         if isinstance(previous, nn.Linear) and previous.out_features != first.in_features:
             notes.append(f"{previous_name}→{reader_names[0]}: skipped (grouped-query attention)")
             continue
-        sample = _sample_inputs(layer, {reader_names[0]: first}, inputs, importance)[reader_names[0]]
-        found = awq_scale_search(sample.x, [m.weight for m in readers.values()], grid, sample.r, sample.absmean, recipe.awq_duo)
+        stats = _input_statistics(layer, {reader_names[0]: first}, inputs, importance)[reader_names[0]]
+        found = awq_scale_search(stats.hessian.value, stats.absmean, [m.weight for m in readers.values()], grid, recipe.awq_duo)
         scale_readers(previous, list(readers.values()), found.scales)
         notes.append(f"{'/'.join(n.split('.')[-1] for n in reader_names)} α={found.alpha:.2f}")
     if recipe.awq_clip:
         clipped = {n: layer.get_submodule(n) for n in adapter.linear_names() if n not in adapter.clip_skip}
-        for name, sample in _sample_inputs(layer, clipped, inputs, importance).items():
+        for name, stats in _input_statistics(layer, clipped, inputs, importance).items():
             w = clipped[name].weight
-            shrink = awq_clip_search(sample.x, w.data, grid, sample.r)
+            shrink = awq_clip_search(stats.hessian.value, w.data, grid)
             w.data = apply_clip(w.data.float(), shrink, grid).to(w.dtype)
     return notes
 
 
 def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance) -> dict[str, Hessian]:
-    """Accumulate each module's importance-weighted input Hessian over all calibration batches."""
-    hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in modules.items()}
-    _observe_inputs(layer, modules, inputs, importance, lambda name, x, r: hessians[name].add_batch(x, r))
-    for h in hessians.values():
-        inputs.world.sum_(h.sum)
-        h.tokens = int(inputs.world.sum_(torch.tensor(h.tokens, dtype=torch.float64, device=h.sum.device)).item())
-    return hessians
+    """Each module's importance-weighted input Hessian over all calibration batches."""
+    return {name: stats.hessian for name, stats in _input_statistics(layer, modules, inputs, importance).items()}
 
 
 def _quantize_module(module: nn.Linear, hessian: Hessian | None, recipe: Recipe, grid, where: str):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from quantkit.algos.awq import _weighted_output_error, apply_clip, awq_clip_search, awq_scale_search
+from quantkit.algos.awq import apply_clip, awq_clip_search, awq_scale_search, output_error
+from quantkit.algos.gptq import Hessian
 from quantkit.algos.quantizer import Grid, rtn_quantize
 from quantkit.fuse import scale_readers
 from quantkit.model import adapter_for, load_model
@@ -35,15 +36,36 @@ def test_folding_scales_keeps_logits(tmp_path, model_type):
     assert (after - before).abs().max().item() < 2e-6 * before.abs().max().item()
 
 
+def hessian(x, r=None):
+    h = Hessian(x.shape[1])
+    h.add_batch(x, r)
+    return h.value
+
+
+def token_error(x, r, W, W_hat):
+    """The objective written over tokens: Σ_t r_t ‖x_t (W − Ŵ)ᵀ‖² / T."""
+    return ((x.double() @ (W - W_hat).double().t()).square().sum(1) * r.double()).sum().item() / x.shape[0]
+
+
+def test_output_error_is_the_weighted_token_error():
+    x, w = salient_problem()
+    r = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(3)) * 2
+    w_hat = rtn_quantize(w, Grid(3, 32, sym=False)).dequantize()
+    assert output_error(hessian(x, r), w, w_hat) == pytest.approx(token_error(x, r, w, w_hat), rel=1e-4)
+
+
 def test_alpha_zero_is_plain_quantization_and_search_never_loses():
     x, w = salient_problem()
     grid = Grid(3, 32, sym=False)
-    found = awq_scale_search(x, [w[:48], w[48:]], grid)
-    plain = _weighted_output_error(x, torch.ones(x.shape[0]), w, rtn_quantize(w, grid).dequantize())
+    H = hessian(x)
+    found = awq_scale_search(H, x.abs().mean(0), [w[:48], w[48:]], grid)
+    plain = output_error(H, w, rtn_quantize(w, grid).dequantize())
     assert found.errors[0] == pytest.approx(plain, rel=1e-5)
     assert min(found.errors) <= found.errors[0]
     assert found.alpha > 0  # with salient channels, scaling must help
     assert found.errors[int(found.alpha * 20)] == min(found.errors)
+    chosen = rtn_quantize(w * found.scales, grid).dequantize() / found.scales
+    assert token_error(x, torch.ones(x.shape[0]), w, chosen) < token_error(x, torch.ones(x.shape[0]), w, rtn_quantize(w, grid).dequantize())
 
 
 def test_importance_changes_the_objective():
@@ -51,8 +73,8 @@ def test_importance_changes_the_objective():
     grid = Grid(2, 32, sym=False)
     r = torch.full((x.shape[0],), 0.01)
     r[:16] = 10.0
-    uniform = awq_scale_search(x, [w], grid)
-    weighted = awq_scale_search(x, [w], grid, importance=r)
+    uniform = awq_scale_search(hessian(x), x.abs().mean(0), [w], grid)
+    weighted = awq_scale_search(hessian(x, r), x.abs().mean(0), [w], grid)
     assert uniform.errors != weighted.errors
 
 
@@ -60,10 +82,27 @@ def test_clip_search_never_worse_than_no_clip():
     x, w = salient_problem(2)
     w[0, 5] = 1.5  # an outlier weight that clipping should trim
     grid = Grid(3, 32, sym=True)
-    shrink = awq_clip_search(x, w, grid)
+    shrink = awq_clip_search(hessian(x), w, grid)
     assert shrink.shape == (96, 4) and (shrink <= 1).all() and (shrink < 1).any()
     clipped = apply_clip(w, shrink, grid)
     r = torch.ones(x.shape[0])
-    err_clip = _weighted_output_error(x, r, w, rtn_quantize(clipped, grid).dequantize())
-    err_plain = _weighted_output_error(x, r, w, rtn_quantize(w, grid).dequantize())
+    err_clip = token_error(x, r, w, rtn_quantize(clipped, grid).dequantize())
+    err_plain = token_error(x, r, w, rtn_quantize(w, grid).dequantize())
     assert err_clip <= err_plain
+
+
+def test_clip_search_picks_the_best_shrink_of_each_group():
+    """Brute force over the grid for each (row, group), objective written over tokens."""
+    x, w = salient_problem(4, o=8)
+    grid = Grid(3, 32, sym=False)
+    shrink = awq_clip_search(hessian(x), w, grid)
+    for row in range(8):
+        for j in range(4):
+            xs, ws = x[:, j * 32 : (j + 1) * 32], w[row : row + 1, j * 32 : (j + 1) * 32]
+            errs = []
+            for c in (1 - i / 20 for i in range(10)):
+                scale, zero = grid.fit(ws, c)
+                errs.append(token_error(xs, torch.ones(x.shape[0]), ws, grid.fake_quantize(ws, scale, zero)))
+            best = min(errs)
+            picked = errs[round((1 - shrink[row, j].item()) * 20)]
+            assert picked <= best * (1 + 1e-4)

@@ -5,9 +5,11 @@ For Linears W_i [O_i, C] that read the same input x [T, C], scaling input channe
 channels with large mean |x| get finer steps. The search picks s = mean|x|^α (AWQ-duo:
 divided by mean|w|^(1−α)) on a grid of α, minimising the importance-weighted output error
 
-    err(s) = Σ_t r_t ‖x_t Wᵀ − (x_t / s) Q(W diag(s))ᵀ‖² / Σ_t r_t
+    err(s) = Σ_t r_t ‖x_t (W − Ŵ)ᵀ‖² / N = Σ_o d_o H d_oᵀ / 2,   d_o = row o of W − Ŵ,
 
-with Q the recipe's own quantization grid. α = 0 (s = 1) is plain quantization.
+with Ŵ = Q(W diag(s)) diag(1/s), Q the recipe's own quantization grid and H = (2/N) Σ_t r_t x_t x_tᵀ
+the Linear's (GPTQ) Hessian over all calibration tokens: each candidate costs O·C² instead of T·O·C.
+α = 0 (s = 1) is plain quantization.
 """
 
 from __future__ import annotations
@@ -30,31 +32,29 @@ class ScaleSearch:
     errors: list[float]
 
 
-def _weighted_output_error(x: torch.Tensor, r: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, rows: int = 4096) -> float:
-    """Σ_t r_t ‖x_t (W − Ŵ)ᵀ‖² / Σ_t r_t, for x [T, C], r [T], W, Ŵ [O, C], in chunks of output rows."""
+def output_error(H: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, rows: int = 4096) -> float:
+    """Σ_o d_o H d_oᵀ / 2 with d = W − Ŵ (W, Ŵ [O, C], H [C, C]), in chunks of output rows:
+    the mean importance-weighted squared output error per token when H = (2/N) Σ_t r_t x_t x_tᵀ."""
     total = 0.0
     for o in range(0, W.shape[0], rows):
-        diff = x @ (W[o : o + rows] - W_hat[o : o + rows]).t()
-        total += (diff.square().sum(1) * r).sum().item()
-    return total / r.sum().item()
+        d = (W[o : o + rows] - W_hat[o : o + rows]).float()
+        total += ((d @ H) * d).sum().item()
+    return total / 2
 
 
 def awq_scale_search(
-    x: torch.Tensor,
+    H: torch.Tensor,
+    x_absmean: torch.Tensor,
     weights: list[torch.Tensor],
     grid: Grid,
-    importance: torch.Tensor | None = None,
-    x_absmean: torch.Tensor | None = None,
     duo: bool = False,
     n_grid: int = 20,
 ) -> ScaleSearch:
-    """Search AWQ scales for Linears ``weights`` ([O_i, C] each) reading x [T, C] (r [T] weights tokens).
-
-    ``x_absmean`` [C] is mean |x| over all calibration tokens (default: over x)."""
-    x = x.float()
-    r = torch.ones(x.shape[0], device=x.device) if importance is None else importance.float().to(x.device)
+    """Search AWQ scales for Linears ``weights`` ([O_i, C] each) reading inputs with Hessian H [C, C]
+    and mean |x| ``x_absmean`` [C] over all calibration tokens."""
+    H = H.float()
     W = torch.cat([w.float() for w in weights])
-    x_mag = (x.abs().mean(0) if x_absmean is None else x_absmean.float()).clamp(min=1e-8)
+    x_mag = x_absmean.float().clamp(min=1e-8)
     w_mag = (W.abs() / W.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)).mean(0).clamp(min=1e-8)
     best, errors = None, []
     for i in range(n_grid):
@@ -62,32 +62,32 @@ def awq_scale_search(
         s = x_mag.pow(alpha) / (w_mag.pow(1 - alpha) if duo and alpha > 0 else 1)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 (geometric mean of extremes)
         W_hat = rtn_quantize(W * s, grid).dequantize() / s
-        err = _weighted_output_error(x, r, W, W_hat)
+        err = output_error(H, W, W_hat)
         errors.append(err)
         if best is None or err < best[0]:
             best = (err, alpha, s)
     return ScaleSearch(best[2], best[1], errors)
 
 
-def awq_clip_search(x: torch.Tensor, W: torch.Tensor, grid: Grid, importance: torch.Tensor | None = None) -> torch.Tensor:
-    """Per (row, group) range shrink in CLIP_SHRINKS minimising Σ_t r_t (x_t,g · (w_g − Q(w_g)))²: [O, K/G]."""
-    x, W = x.float(), W.float()
-    r = torch.ones(x.shape[0], device=x.device) if importance is None else importance.float().to(x.device)
+def awq_clip_search(H: torch.Tensor, W: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Per (row, group) range shrink in CLIP_SHRINKS minimising that group's own output error
+    d_g H_gg d_gᵀ (d_g = w_g − Q(w_g), H_gg the group's diagonal block of H [C, C]): [O, C/G]."""
+    W = W.float()
     o, c = W.shape
     g = c if grid.group_size == -1 else grid.group_size
     groups = c // g
-    best_err = torch.full((o, groups), float("inf"), device=W.device)
-    best = torch.ones(o, groups, device=W.device)
+    H_blocks = torch.stack([H[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(groups)]).float()  # [G, g, g]
+    best_err = torch.full((groups, o), float("inf"), device=W.device)
+    best = torch.ones(groups, o, device=W.device)
     blocks = W.reshape(o * groups, g)
     for shrink in CLIP_SHRINKS:
         scale, zero = grid.fit(blocks, shrink)
-        diff = (blocks - grid.fake_quantize(blocks, scale, zero)).reshape(o, groups, g)
-        for j in range(groups):
-            err = ((x[:, j * g : (j + 1) * g] @ diff[:, j].t()).square() * r[:, None]).sum(0)  # [O]
-            better = err < best_err[:, j]
-            best_err[better, j] = err[better]
-            best[better, j] = shrink
-    return best
+        d = (blocks - grid.fake_quantize(blocks, scale, zero)).reshape(o, groups, g).transpose(0, 1)  # [G, O, g]
+        err = ((d @ H_blocks) * d).sum(-1)  # [G, O]
+        better = err < best_err
+        best_err[better] = err[better]
+        best[better] = shrink
+    return best.t().contiguous()
 
 
 def apply_clip(W: torch.Tensor, shrink: torch.Tensor, grid: Grid) -> torch.Tensor:
