@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.algos.quantizer import Grid, rtn_quantize
+from quantkit.algos.quantizer import Grid
 
 CLIP_SHRINKS = tuple(1 - i / 20 for i in range(10))  # 1.0, 0.95, …, 0.55
 
@@ -42,6 +42,14 @@ def output_error(H: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, rows: in
     return total / 2
 
 
+def _round_trip(W: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """W [O, C] quantized on ``grid`` and read back (what ``rtn_quantize(W, grid).dequantize()`` gives)."""
+    o, c = W.shape
+    blocks = W.reshape(-1, c if grid.group_size == -1 else grid.group_size)
+    scale, zero = grid.fit(blocks)
+    return grid.fake_quantize(blocks, scale, zero).reshape(o, c)
+
+
 def awq_scale_search(
     H: torch.Tensor,
     x_absmean: torch.Tensor,
@@ -61,7 +69,7 @@ def awq_scale_search(
         alpha = i / n_grid
         s = x_mag.pow(alpha) / (w_mag.pow(1 - alpha) if duo and alpha > 0 else 1)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 (geometric mean of extremes)
-        W_hat = rtn_quantize(W * s, grid).dequantize() / s
+        W_hat = _round_trip(W * s, grid) / s
         err = output_error(H, W, W_hat)
         errors.append(err)
         if best is None or err < best[0]:
