@@ -42,6 +42,7 @@ TOOLS = {  # name: (venv or "quantkit", method)
     "quantkit-gptq": ("quantkit", "gptq"),
     "quantkit-rotate": ("quantkit", "gptq+rotate"),
     "quantkit-rsq": ("quantkit", "rsq"),
+    "quantkit-awq": ("quantkit", "gptq+awq"),
     "gptqmodel-gptq": ("gptqmodel", "gptq"),
     "llmcompressor-gptq": ("llmcompressor", "gptq"),
     "llmcompressor-awq": ("llmcompressor", "awq"),
