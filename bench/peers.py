@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512, help="calibration window and evaluation window")
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--model", help="FP model folder  [default: quantkit prepare-model smollm2-135m]")
+    ap.add_argument("--fp-ppl", type=float, help="FP32 perplexity already measured with these eval settings (skips it)")
     ap.add_argument("--name", default="peers", help="results file bench/results/NAME.json")
     args = ap.parse_args()
     calib, test = require_data("c4-sample.txt"), require_data("wikitext2-test.txt")
@@ -192,7 +193,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         s = Setup(model, calib, test, Path(tmp), pythons, args)
         write_ids(s)
-        fp = perplexity(s, model)
+        fp = args.fp_ppl or perplexity(s, model)
         print(f"FP32 ppl {fp:.3f}", flush=True)
         for recipe in args.recipes:
             for tool in args.tools:
