@@ -52,6 +52,15 @@ class Adapter:
     def linear_names(self) -> list[str]:
         return [name for group in self.sequential for name in group]
 
+    def input_owners(self, names) -> dict[str, str]:
+        """{name: the first of ``names`` that reads the same input tensor as it} — the readers of
+        each ``awq_groups`` entry share one input (q/k/v; gate/up)."""
+        owners = {}
+        for name in names:
+            readers = next((r for _, r in self.awq_groups if name in r), (name,))
+            owners[name] = next(n for n in readers if n in names)
+        return owners
+
     def embed(self, model: nn.Module) -> nn.Embedding:
         return model.model.embed_tokens
 

@@ -270,7 +270,7 @@ def quantize_layers(
                 hessians = {}
                 if recipe.method == "gptq":
                     progress.stage(i, "hessians " + "/".join(n.split(".")[-1] for n in group))
-                    hessians = _collect_hessians(layer, modules, inputs, importance)
+                    hessians = _collect_hessians(layer, modules, inputs, importance, adapter.input_owners(modules))
                 for j, (name, module) in enumerate(modules.items()):
                     started = time.perf_counter()
                     q, loss = None, None
@@ -333,24 +333,29 @@ def _observe_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, i
             h.remove()
 
 
-def _input_statistics(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance) -> dict[str, InputStats]:
+def _input_statistics(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance,
+                      owners: dict[str, str] | None = None) -> dict[str, InputStats]:
     """Accumulate each module's input statistics over all calibration batches, combined over ranks
-    (float64 sums of per-batch float32 partials: independent of how batches are split)."""
-    hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in modules.items()}
-    sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in modules.items()}
+    (float64 sums of per-batch float32 partials: independent of how batches are split).
+    ``owners`` ({name: module reading the same input}, Adapter.input_owners): modules that share an
+    input share one InputStats, accumulated once."""
+    owners = owners or {name: name for name in modules}
+    observed = {name: m for name, m in modules.items() if owners[name] == name}
+    hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in observed.items()}
+    sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in observed.items()}
 
     def record(name, x, r):
         hessians[name].add_batch(x, r)
         sums[name] += x.float().abs().sum(0)
 
-    _observe_inputs(layer, modules, inputs, importance, record)
+    _observe_inputs(layer, observed, inputs, importance, record)
     stats = {}
     for name, h in hessians.items():
         inputs.world.sum_(h.sum)
         inputs.world.sum_(sums[name])
         h.tokens = int(inputs.world.sum_(torch.tensor(h.tokens, dtype=torch.float64, device=h.sum.device)).item())
         stats[name] = InputStats((sums[name] / max(h.tokens, 1)).float(), h)
-    return stats
+    return {name: stats[owners[name]] for name in modules}
 
 
 def awq_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, importance, recipe: Recipe, grid) -> list[str]:
@@ -370,16 +375,16 @@ def awq_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, importanc
         notes.append(f"{'/'.join(n.split('.')[-1] for n in reader_names)} α={found.alpha:.2f}")
     if recipe.awq_clip:
         clipped = {n: layer.get_submodule(n) for n in adapter.linear_names() if n not in adapter.clip_skip}
-        for name, stats in _input_statistics(layer, clipped, inputs, importance).items():
+        for name, stats in _input_statistics(layer, clipped, inputs, importance, adapter.input_owners(clipped)).items():
             w = clipped[name].weight
             shrink = awq_clip_search(stats.hessian.value, w.data, grid)
             w.data = apply_clip(w.data.float(), shrink, grid).to(w.dtype)
     return notes
 
 
-def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance) -> dict[str, Hessian]:
-    """Each module's importance-weighted input Hessian over all calibration batches."""
-    return {name: stats.hessian for name, stats in _input_statistics(layer, modules, inputs, importance).items()}
+def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, owners: dict[str, str]) -> dict[str, Hessian]:
+    """Each module's importance-weighted input Hessian over all calibration batches (one per shared input)."""
+    return {name: stats.hessian for name, stats in _input_statistics(layer, modules, inputs, importance, owners).items()}
 
 
 def _quantize_module(module: nn.Linear, hessian: Hessian | None, recipe: Recipe, grid, where: str):
