@@ -4,6 +4,9 @@ Protocol: calibrate on ../shared/data/c4-sample.txt (--nsamples × --seqlen toke
 128 × 512), evaluate perplexity on the first --eval-tokens (default 32768) tokens of
 ../shared/data/wikitext2-test.txt with seqlen 512. Every quantization runs as its own process
 (wall seconds and peak RSS are that process's); with several seeds the table shows medians.
+Each run is appended to bench/results/NAME.jsonl as it finishes, and runs already there (same
+recipe, bits, group, seed and protocol) are not repeated: an interrupted grid resumes, and
+several invocations with the same --name (e.g. one per core) fill one grid.
 
     python bench/quality.py                                   # FP, RTN, GPTQ at W4/W3/W2 g64 asym
     python bench/quality.py --recipes gptq gptq+rotate gptq+attncon rsq --bits 3 2 \\
@@ -19,7 +22,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import eval_ppl, quantkit, require_data, save, timed
+from common import RESULTS, eval_ppl, quantkit, require_data, save, timed
 
 RECIPES = {
     "rtn": ["--method", "rtn"],
@@ -51,12 +54,21 @@ def main() -> None:
     model = timed(quantkit("prepare-model", "smollm2-135m"))[0].strip().splitlines()[-1]
     fp = args.fp_ppl or eval_ppl(model, test, args.seqlen, args.eval_tokens)
     print(f"FP32 ppl {fp:.3f}", flush=True)
+    log = RESULTS / f"{args.name}.jsonl"
+    protocol = {"sym": args.sym, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_tokens": args.eval_tokens,
+                "extra": args.extra}
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
             for group in args.group_sizes:
                 for recipe in args.recipes:
                     for seed in args.seeds:
+                        key = {"recipe": recipe, "bits": bits, "group_size": group, "seed": seed, **protocol}
+                        earlier = [r for r in done if all(r.get(k) == v for k, v in key.items())]
+                        if earlier:
+                            runs.append(earlier[-1])
+                            continue
                         out = Path(tmp) / "q"
                         cmd = quantkit("quantize", model, str(out), "--bits", str(bits), "--group-size", str(group),
                                        "--sym" if args.sym else "--asym", "--calibration", str(calib),
@@ -64,10 +76,12 @@ def main() -> None:
                                        "--seed", str(seed), "--rotation-seed", str(seed), "--quiet", "--json", "--force",
                                        *RECIPES[recipe], *(t for e in args.extra for t in e.split()))
                         _, seconds, rss = timed(cmd)
-                        run = {"recipe": recipe, "bits": bits, "group_size": group, "seed": seed,
-                               "seconds": round(seconds, 1), "peak_rss_mib": round(rss / 2**20),
+                        run = {**key, "seconds": round(seconds, 1), "peak_rss_mib": round(rss / 2**20),
                                "ppl": eval_ppl(out, test, args.seqlen, args.eval_tokens)}
                         runs.append(run)
+                        RESULTS.mkdir(parents=True, exist_ok=True)
+                        with log.open("a") as f:
+                            f.write(json.dumps(run) + "\n")
                         print(json.dumps(run), flush=True)
     rows = []
     for bits in args.bits:
