@@ -45,7 +45,7 @@ def output_error(H: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, rows: in
 def _round_trip(W: torch.Tensor, grid: Grid) -> torch.Tensor:
     """W [O, C] quantized on ``grid`` and read back (what ``rtn_quantize(W, grid).dequantize()`` gives)."""
     o, c = W.shape
-    blocks = W.reshape(-1, c if grid.group_size == -1 else grid.group_size)
+    blocks = W.reshape(-1, grid.width(c))
     scale, zero = grid.fit(blocks)
     return grid.fake_quantize(blocks, scale, zero).reshape(o, c)
 
@@ -82,8 +82,7 @@ def awq_clip_search(H: torch.Tensor, W: torch.Tensor, grid: Grid) -> torch.Tenso
     d_g H_gg d_gᵀ (d_g = w_g − Q(w_g), H_gg the group's diagonal block of H [C, C]): [O, C/G]."""
     W = W.float()
     o, c = W.shape
-    g = c if grid.group_size == -1 else grid.group_size
-    groups = c // g
+    g, groups = grid.width(c), grid.groups(c)
     H_blocks = torch.stack([H[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(groups)]).float()  # [G, g, g]
     best_err = torch.full((groups, o), float("inf"), device=W.device)
     best = torch.ones(groups, o, device=W.device)
@@ -101,8 +100,7 @@ def awq_clip_search(H: torch.Tensor, W: torch.Tensor, grid: Grid) -> torch.Tenso
 def apply_clip(W: torch.Tensor, shrink: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Clamp each (row, group) of W [O, C] to its shrunk range (the range ``Grid.fit`` would use)."""
     o, c = W.shape
-    g = c if grid.group_size == -1 else grid.group_size
-    blocks = W.reshape(o, c // g, g)
+    blocks = W.reshape(o, grid.groups(c), grid.width(c))
     lo = blocks.amin(-1).clamp(max=0) * shrink
     hi = blocks.amax(-1).clamp(min=0) * shrink
     if grid.sym:

@@ -102,7 +102,7 @@ def gptq_quantize(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    gsize = k if grid.group_size == -1 else grid.group_size
+    gsize = grid.width(k)
     ngroups = k // gsize
     scales = torch.zeros(n, ngroups, device=W.device)
     zeros = torch.zeros(n, ngroups, device=W.device)

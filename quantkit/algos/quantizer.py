@@ -26,8 +26,12 @@ class Grid:
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    def width(self, in_features: int) -> int:
+        """Columns per group for a Linear with ``in_features`` inputs (the whole row when per-channel)."""
+        return in_features if self.group_size == -1 else self.group_size
+
     def groups(self, in_features: int) -> int:
-        return 1 if self.group_size == -1 else in_features // self.group_size
+        return in_features // self.width(in_features)
 
     def fit(self, w: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero for rows of w [N, C] (one group per row): ([N], [N]), zero integral.
@@ -81,7 +85,7 @@ class QuantizedWeight:
 def rtn_quantize(w: torch.Tensor, grid: Grid) -> QuantizedWeight:
     """Round-to-nearest: w [N, K] -> QuantizedWeight on ``grid`` (K divisible by the group size)."""
     n, k = w.shape
-    g = grid.group_size if grid.group_size != -1 else k
+    g = grid.width(k)
     blocks = w.float().reshape(n * (k // g), g)
     scale, zero = grid.fit(blocks)
     codes = grid.quantize(blocks, scale, zero).reshape(n, k)
