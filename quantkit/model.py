@@ -43,6 +43,12 @@ class Adapter:
         ("mlp.up_proj", ("mlp.down_proj",)),
     )
     clip_skip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")  # errors pass through q·k
+    # (block, its last Linear, whether the block returns a tuple): the block's output is that Linear
+    # applied to its input, so once the block's other Linears are final the input can be reused
+    reusable: tuple[tuple[str, str, bool], ...] = (
+        ("self_attn", "self_attn.o_proj", True),
+        ("mlp", "mlp.down_proj", False),
+    )
     value_proj: str = "self_attn.v_proj"
     attn_out_proj: str = "self_attn.o_proj"
 

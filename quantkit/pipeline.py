@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -84,14 +85,15 @@ def check_shapes(layer: nn.Module, index: int, adapter: Adapter, recipe: Recipe)
             raise QuantkitError(f"{where} × out_features {out_f} cannot be packed into int32 words at {recipe.bits} bits")
 
 
-def activation_storage(device: torch.device, tokens: torch.Tensor, hidden_size: int, offload: bool | None) -> torch.device:
-    """Where calibration activations live: CPU when asked, or (None = auto) when inputs and outputs
-    of a layer in fp32 would take more than half of the compute device's free memory."""
+def activation_storage(device: torch.device, tokens: torch.Tensor, config, offload: bool | None) -> torch.device:
+    """Where calibration activations live: CPU when asked, or (None = auto) when a layer's inputs,
+    outputs and reused block inputs (attention output, MLP down_proj input) in fp32 would take
+    more than half of the compute device's free memory."""
     if offload is not None:
         return torch.device("cpu") if offload else device
     if device.type != "cuda":
         return device
-    needed = 2 * tokens.numel() * hidden_size * 4
+    needed = tokens.numel() * (3 * config.hidden_size + getattr(config, "intermediate_size", config.hidden_size)) * 4
     free, _ = torch.cuda.mem_get_info(device)
     return torch.device("cpu") if needed > free // 2 else device
 
@@ -131,10 +133,60 @@ def capture_inputs(
     return LayerInputs(hidden, seen["kwargs"], device, storage, world)
 
 
-def _forward(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+class BlockReuse:
+    """Skips recomputing finished blocks during one layer's true-sequential pass.
+
+    A block listed in ``Adapter.reusable`` (self_attn, mlp) outputs its last Linear (o_proj,
+    down_proj) applied to that Linear's input. That input is recorded, batch by batch, when the
+    Linear's group is observed, which happens after every other Linear of the block is final; from
+    then on the block answers last(recorded input) without running attention or gate/up again:
+    the same tensors bit for bit, and the last Linear's current (quantized) weights are used."""
+
+    def __init__(self, layer: nn.Module, adapter: Adapter, storage: torch.device):
+        earlier: set[str] = set()
+        self.blocks = {}  # last Linear's name -> (block, last Linear, returns a tuple)
+        for group in adapter.sequential:
+            for block, last, returns_tuple in adapter.reusable:
+                others = {n for n in adapter.linear_names() if n.startswith(block + ".") and n != last}
+                if last in group and others <= earlier:
+                    self.blocks[last] = (layer.get_submodule(block), layer.get_submodule(last), returns_tuple)
+            earlier |= set(group)
+        self.storage = storage
+        self.recording: dict[str, list[torch.Tensor]] = {}
+        self.recorded: dict[str, list[torch.Tensor]] = {}
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        """Keep ``x`` (the next batch's input of Linear ``name``) if it ends a reusable block."""
+        if name in self.blocks and name not in self.recorded:
+            self.recording.setdefault(name, []).append(x.to(self.storage))
+
+    def pass_done(self) -> None:
+        """Every batch has been through: what was recorded in this pass can be reused from now on."""
+        self.recorded.update(self.recording)
+        self.recording = {}
+
+    @contextmanager
+    def batch(self, b: int, device: torch.device) -> Iterator[None]:
+        """While inside, every block whose last input was recorded in an earlier pass reuses it."""
+        patched = []
+        for name, recorded in self.recorded.items():
+            block, last, returns_tuple = self.blocks[name]
+            x = recorded[b].to(device)
+            block.forward = (lambda *_a, _x=x, _l=last, **_k: (_l(_x), None)) if returns_tuple else (
+                lambda *_a, _x=x, _l=last, **_k: _l(_x))
+            patched.append(block)
+        try:
+            yield
+        finally:
+            for block in patched:
+                del block.forward
+
+
+def _forward(layer: nn.Module, inputs: LayerInputs, reuse: BlockReuse | None = None) -> list[torch.Tensor]:
     outputs = []
-    for x in inputs.batches():
-        out = layer(x, **inputs.kwargs)
+    for b, x in enumerate(inputs.batches()):
+        with reuse.batch(b, inputs.device) if reuse else nullcontext():
+            out = layer(x, **inputs.kwargs)
         outputs.append((out[0] if isinstance(out, tuple) else out).to(inputs.storage))
     return outputs
 
@@ -233,7 +285,7 @@ def quantize_layers(
                 f"{tokens.shape[0]} calibration windows make {batches} batches of {batch}, fewer than the "
                 f"{world.size} data-parallel processes: raise --nsamples or use fewer processes"
             )
-        storage = activation_storage(device, tokens, model.config.hidden_size, offload)
+        storage = activation_storage(device, tokens, model.config, offload)
         inputs = capture_inputs(model, adapter, tokens, device, batch, storage, world)
         _check_finite(inputs.hidden, "the embeddings' output")
 
@@ -265,12 +317,13 @@ def quantize_layers(
                 progress.stage(i, "awq")
                 progress.note(i, len(layers), "awq " + ", ".join(awq_layer(layer, adapter, inputs, importance, recipe, grid)))
             results = {}
+            reuse = BlockReuse(layer, adapter, inputs.storage) if inputs is not None else None
             for group in adapter.sequential:
                 modules = {name: layer.get_submodule(name) for name in group}
                 hessians = {}
                 if recipe.method == "gptq":
                     progress.stage(i, "hessians " + "/".join(n.split(".")[-1] for n in group))
-                    hessians = _collect_hessians(layer, modules, inputs, importance, adapter.input_owners(modules))
+                    hessians = _collect_hessians(layer, modules, inputs, importance, adapter.input_owners(modules), reuse)
                 for j, (name, module) in enumerate(modules.items()):
                     started = time.perf_counter()
                     q, loss = None, None
@@ -282,7 +335,7 @@ def quantize_layers(
                     progress.module(i, len(layers), name, time.perf_counter() - started, loss)
             if inputs is not None:
                 progress.stage(i, "outputs")
-                inputs.hidden = _forward(layer, inputs)
+                inputs.hidden = _forward(layer, inputs, reuse)
                 _check_finite(inputs.hidden, f"the outputs of layer {i}")
             layer.to("cpu", dtype)
             progress.layer_done()
@@ -304,14 +357,18 @@ class InputStats:
     hessian: Hessian
 
 
-def _observe_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, record) -> None:
+def _observe_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, record,
+                    reuse: BlockReuse | None = None) -> None:
     """Call ``record(name, x [T, C], r [T] | None)`` with what each of ``modules`` reads, batch by
-    batch; each forward stops as soon as every module has seen its input."""
+    batch; each forward stops as soon as every module has seen its input. ``reuse``: finished
+    blocks are not recomputed, and the inputs of blocks' last Linears are kept for later forwards."""
     seen: set[str] = set()
     current = {}
 
     def make_hook(name):
         def hook(_module, args):
+            if reuse is not None:
+                reuse.record(name, args[0])
             record(name, args[0].reshape(-1, args[0].shape[-1]), current["r"])
             seen.add(name)
             if len(seen) == len(modules):
@@ -325,16 +382,19 @@ def _observe_inputs(layer, modules: dict[str, nn.Module], inputs: LayerInputs, i
             current["r"] = None if importance is None else importance[b].reshape(-1)
             seen.clear()
             try:
-                layer(x, **inputs.kwargs)
+                with reuse.batch(b, inputs.device) if reuse else nullcontext():
+                    layer(x, **inputs.kwargs)
             except _Captured:
                 pass
+        if reuse is not None:
+            reuse.pass_done()
     finally:
         for h in handles:
             h.remove()
 
 
 def _input_statistics(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance,
-                      owners: dict[str, str] | None = None) -> dict[str, InputStats]:
+                      owners: dict[str, str] | None = None, reuse: BlockReuse | None = None) -> dict[str, InputStats]:
     """Accumulate each module's input statistics over all calibration batches, combined over ranks
     (float64 sums of per-batch float32 partials: independent of how batches are split).
     ``owners`` ({name: module reading the same input}, Adapter.input_owners): modules that share an
@@ -348,7 +408,7 @@ def _input_statistics(layer, modules: dict[str, nn.Module], inputs: LayerInputs,
         hessians[name].add_batch(x, r)
         sums[name] += x.float().abs().sum(0)
 
-    _observe_inputs(layer, observed, inputs, importance, record)
+    _observe_inputs(layer, observed, inputs, importance, record, reuse)
     stats = {}
     for name, h in hessians.items():
         inputs.world.sum_(h.sum)
@@ -382,9 +442,10 @@ def awq_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, importanc
     return notes
 
 
-def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, owners: dict[str, str]) -> dict[str, Hessian]:
+def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs, importance, owners: dict[str, str],
+                      reuse: BlockReuse | None = None) -> dict[str, Hessian]:
     """Each module's importance-weighted input Hessian over all calibration batches (one per shared input)."""
-    return {name: stats.hessian for name, stats in _input_statistics(layer, modules, inputs, importance, owners).items()}
+    return {name: stats.hessian for name, stats in _input_statistics(layer, modules, inputs, importance, owners, reuse).items()}
 
 
 def _quantize_module(module: nn.Linear, hessian: Hessian | None, recipe: Recipe, grid, where: str):

@@ -1,0 +1,47 @@
+"""The layer walk: reusing finished blocks' inputs changes nothing but the time taken."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from quantkit.model import load_model
+from quantkit.pipeline import quantize_layers
+from quantkit.recipe import Recipe
+
+
+def walk(folder, reusable: bool, recipe: Recipe):
+    model, _, adapter = load_model(str(folder), torch.float32)
+    if not reusable:
+        adapter = dataclasses.replace(adapter, reusable=())
+    calls = []
+    for layer in model.model.layers:
+        layer.mlp.gate_proj.register_forward_hook(lambda *_: calls.append(1))
+    tokens = torch.randint(0, model.config.vocab_size, (6, 48), generator=torch.Generator().manual_seed(0))
+    # batch_tokens 96 = 2 windows per forward: 3 batches, so reuse must pick the right batch
+    results = dict(quantize_layers(model, adapter, tokens, recipe, torch.device("cpu"), show_progress=False,
+                                   batch_tokens=96))
+    return results, model, len(calls)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("importance", ["uniform", "attncon"])
+def test_reusing_block_inputs_gives_the_same_quantization(tmp_path, model_type, importance):
+    folder = make_tiny_model(tmp_path / model_type, model_type, layers=3, hidden=64)
+    recipe = Recipe(bits=3, group_size=32, sym=False, importance=importance, rotate=importance == "attncon")
+    fast, fast_model, fast_calls = walk(folder, True, recipe)
+    slow, slow_model, slow_calls = walk(folder, False, recipe)
+    # per layer and batch: gate/up run for the down_proj inputs and the outputs, or only for the former
+    assert (slow_calls, fast_calls) == (3 * 3 * 2, 3 * 3 * 1)
+    assert fast.keys() == slow.keys() == {0, 1, 2}
+    for i in fast:
+        for name, q in fast[i].items():
+            assert torch.equal(q.codes, slow[i][name].codes), (i, name)
+            assert torch.equal(q.scales, slow[i][name].scales), (i, name)
+    # the forwards ran with the reused blocks: the model's final state is identical too
+    for (name, a), (_, b) in zip(fast_model.state_dict().items(), slow_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    # and the blocks are back to their own forward afterwards
+    for layer in fast_model.model.layers:
+        assert "forward" not in vars(layer.self_attn) and "forward" not in vars(layer.mlp)
