@@ -38,7 +38,7 @@ def output_error(H: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, rows: in
     total = 0.0
     for o in range(0, W.shape[0], rows):
         d = (W[o : o + rows] - W_hat[o : o + rows]).float()
-        total += ((d @ H) * d).sum().item()
+        total += (d @ H).mul_(d).sum().item()
     return total / 2
 
 
@@ -69,7 +69,7 @@ def awq_scale_search(
         alpha = i / n_grid
         s = x_mag.pow(alpha) / (w_mag.pow(1 - alpha) if duo and alpha > 0 else 1)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 (geometric mean of extremes)
-        W_hat = _round_trip(W * s, grid) / s
+        W_hat = _round_trip(W * s, grid).div_(s)
         err = output_error(H, W, W_hat)
         errors.append(err)
         if best is None or err < best[0]:
@@ -90,7 +90,7 @@ def awq_clip_search(H: torch.Tensor, W: torch.Tensor, grid: Grid) -> torch.Tenso
     for shrink in CLIP_SHRINKS:
         scale, zero = grid.fit(blocks, shrink)
         d = (blocks - grid.fake_quantize(blocks, scale, zero)).reshape(o, groups, g).transpose(0, 1)  # [G, O, g]
-        err = ((d @ H_blocks) * d).sum(-1)  # [G, O]
+        err = (d @ H_blocks).mul_(d).sum(-1)  # [G, O]
         better = err < best_err
         best_err[better] = err[better]
         best[better] = shrink

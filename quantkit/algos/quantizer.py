@@ -56,13 +56,13 @@ class Grid:
         """Integer codes of w [N, C] with per-row scale/zero [N] (or broadcastable [N, C])."""
         if scale.dim() == 1:
             scale, zero = scale[:, None], zero[:, None]
-        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+        return (w / scale).round_().add_(zero).clamp_(0, self.maxq)
 
     def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Round w [N, C] to the grid and return it dequantized (same shape and dtype)."""
         if scale.dim() == 1:
             scale, zero = scale[:, None], zero[:, None]
-        return scale * (self.quantize(w, scale, zero) - zero)
+        return self.quantize(w, scale, zero).sub_(zero).mul_(scale)
 
 
 @dataclass
