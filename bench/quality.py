@@ -49,9 +49,13 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help='quantize flags added to every run, quoted: --extra "--importance-min 0.1"')
     ap.add_argument("--fp-ppl", type=float, help="FP32 perplexity already measured with these eval settings (skips it)")
     ap.add_argument("--name", default="quality", help="results file bench/results/NAME.json")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: tabulate the runs of this grid already in NAME.jsonl (needs --fp-ppl)")
     args = ap.parse_args()
+    if args.table_only and args.fp_ppl is None:
+        ap.error("--table-only needs --fp-ppl")
     calib, test = require_data("c4-sample.txt"), require_data("wikitext2-test.txt")
-    model = timed(quantkit("prepare-model", "smollm2-135m"))[0].strip().splitlines()[-1]
+    model = None if args.table_only else timed(quantkit("prepare-model", "smollm2-135m"))[0].strip().splitlines()[-1]
     fp = args.fp_ppl or eval_ppl(model, test, args.seqlen, args.eval_tokens)
     print(f"FP32 ppl {fp:.3f}", flush=True)
     log = RESULTS / f"{args.name}.jsonl"
@@ -66,8 +70,8 @@ def main() -> None:
                     for seed in args.seeds:
                         key = {"recipe": recipe, "bits": bits, "group_size": group, "seed": seed, **protocol}
                         earlier = [r for r in done if all(r.get(k) == v for k, v in key.items())]
-                        if earlier:
-                            runs.append(earlier[-1])
+                        if earlier or args.table_only:
+                            runs.extend(earlier[-1:])
                             continue
                         out = Path(tmp) / "q"
                         cmd = quantkit("quantize", model, str(out), "--bits", str(bits), "--group-size", str(group),
@@ -88,20 +92,25 @@ def main() -> None:
         for group in args.group_sizes:
             for recipe in args.recipes:
                 same = [r for r in runs if (r["recipe"], r["bits"], r["group_size"]) == (recipe, bits, group)]
+                if not same:
+                    continue
                 rows.append({"recipe": recipe, "bits": bits, "group_size": group, "seeds": len(same),
                              "ppl": statistics.median(r["ppl"] for r in same),
+                             "ppl_min": min(r["ppl"] for r in same), "ppl_max": max(r["ppl"] for r in same),
                              "seconds": statistics.median(r["seconds"] for r in same),
                              "peak_rss_mib": max(r["peak_rss_mib"] for r in same)})
     grid = "sym" if args.sym else "asym"
     print(f"\nSmolLM2-135M · calibration C4 {args.nsamples}×{args.seqlen} · WikiText-2 test (no blank lines), first "
           f"{args.eval_tokens} tokens, seqlen {args.seqlen} · median of {len(args.seeds)} seed(s) · {grid}")
-    print("| recipe | bits | group | ppl | Δ vs FP | quantize s | peak RSS MiB |\n|---|---|---|---|---|---|---|")
-    print(f"| FP32 | 32 | – | {fp:.3f} | – | – | – |")
+    print("| recipe | bits | group | seeds | ppl (median) | min – max | Δ vs FP | quantize s | peak RSS MiB |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    print(f"| FP32 | 32 | – | – | {fp:.3f} | – | – | – | – |")
     for r in rows:
         group = "channel" if r["group_size"] == -1 else r["group_size"]
-        print(f"| {r['recipe']} | {r['bits']} | {group} | {r['ppl']:.3f} | {r['ppl'] - fp:+.3f} | {r['seconds']} "
-              f"| {r['peak_rss_mib']} |")
-    print(f"\nwrote {save(args.name, {'args': vars(args), 'fp_ppl': fp, 'runs': runs, 'rows': rows})}")
+        print(f"| {r['recipe']} | {r['bits']} | {group} | {r['seeds']} | {r['ppl']:.3f} | {r['ppl_min']:.2f} – "
+              f"{r['ppl_max']:.2f} | {r['ppl'] - fp:+.3f} | {r['seconds']} | {r['peak_rss_mib']} |")
+    if not args.table_only:
+        print(f"\nwrote {save(args.name, {'args': vars(args), 'fp_ppl': fp, 'runs': runs, 'rows': rows})}")
 
 
 if __name__ == "__main__":
