@@ -26,9 +26,9 @@ from common import RESULTS, eval_ppl, quantkit, require_data, save, timed
 
 RECIPES = {
     "rtn": ["--method", "rtn"],
-    "gptq": ["--method", "gptq"],
-    "gptq+rotate": ["--method", "gptq", "--rotate"],
-    "gptq+attncon": ["--method", "gptq", "--importance", "attncon"],
+    "gptq": ["--method", "gptq", "--no-awq"],
+    "gptq+rotate": ["--method", "gptq", "--no-awq", "--rotate"],
+    "gptq+attncon": ["--method", "gptq", "--no-awq", "--importance", "attncon"],
     "rsq": ["--preset", "rsq"],
     "rtn+awq": ["--method", "rtn", "--awq", "--awq-clip"],
     "gptq+awq": ["--method", "gptq", "--awq"],
@@ -97,7 +97,7 @@ def main() -> None:
                 rows.append({"recipe": recipe, "bits": bits, "group_size": group, "seeds": len(same),
                              "ppl": statistics.median(r["ppl"] for r in same),
                              "ppl_min": min(r["ppl"] for r in same), "ppl_max": max(r["ppl"] for r in same),
-                             "seconds": statistics.median(r["seconds"] for r in same),
+                             "seconds": round(statistics.median(r["seconds"] for r in same), 1),
                              "peak_rss_mib": max(r["peak_rss_mib"] for r in same)})
     grid = "sym" if args.sym else "asym"
     print(f"\nSmolLM2-135M · calibration C4 {args.nsamples}×{args.seqlen} · WikiText-2 test (no blank lines), first "

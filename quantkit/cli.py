@@ -48,7 +48,7 @@ def cli() -> None:
 @click.option("--importance-min", type=float, help="Lowest mapped importance.  [default: 0.005]")
 @click.option("--importance-max", type=float, help="Highest mapped importance.  [default: 1.0]")
 @click.option("--expand", type=int, help="Dataset expansion: circularly shifted copies per sample.  [default: 1]")
-@click.option("--awq/--no-awq", default=None, help="AWQ salient-channel scales before rounding.")
+@click.option("--awq/--no-awq", default=None, help="AWQ salient-channel scales before rounding.  [default: on with gptq, off with rtn]")
 @click.option("--awq-duo/--no-awq-duo", default=None, help="AWQ scales also divided by mean|w|^(1-α).")
 @click.option("--awq-clip/--no-awq-clip", default=None, help="AWQ weight-range clip search.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Export format.  [default: auto]")

@@ -32,11 +32,13 @@ class Recipe:
     importance_min: float = 0.005
     importance_max: float = 1.0
     expand: int = 1
-    awq: bool = False
+    awq: bool | None = None  # None: on with GPTQ, off with RTN (which then needs no calibration)
     awq_duo: bool = False
     awq_clip: bool = False
 
     def __post_init__(self) -> None:
+        if self.awq is None:
+            object.__setattr__(self, "awq", self.method == "gptq")
         if self.bits not in BITS:
             raise QuantkitError(f"--bits {self.bits} is not supported: choose one of {', '.join(map(str, BITS))}")
         if self.group_size != -1 and self.group_size < 1:
@@ -85,6 +87,6 @@ class Recipe:
 
 
 PRESETS = {
-    "gptq": {"method": "gptq", "rotate": False, "importance": "uniform"},
-    "rsq": {"method": "gptq", "rotate": True, "importance": "attncon"},
+    "gptq": {"method": "gptq", "rotate": False, "importance": "uniform", "awq": False},
+    "rsq": {"method": "gptq", "rotate": True, "importance": "attncon", "awq": False},
 }
