@@ -54,8 +54,8 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
         "",
         f"# {Path(source).name or 'Model'} — {recipe.bits}-bit {fmt}",
         "",
-        f"`{source}` quantized by quantkit {manifest.get('quantkit_version', '')} with {recipe.method.upper()} "
-        f"({scheme}{', Hadamard-rotated' if recipe.rotate else ''}), stored in the **{fmt}** format "
+        f"`{source}` quantized by quantkit {manifest.get('quantkit_version', '')} with {recipe.method.upper()}"
+        f"{' + AWQ' if recipe.awq else ''} ({scheme}{', Hadamard-rotated' if recipe.rotate else ''}), stored in the **{fmt}** format "
         f"(`quant_method: {config.get('quantization_config', {}).get('quant_method', fmt)}` in config.json).",
         "",
         "## Recipe",
