@@ -93,7 +93,7 @@ def activation_storage(device: torch.device, tokens: torch.Tensor, config, offlo
         return torch.device("cpu") if offload else device
     if device.type != "cuda":
         return device
-    needed = tokens.numel() * (3 * config.hidden_size + getattr(config, "intermediate_size", config.hidden_size)) * 4
+    needed = tokens.numel() * (3 * config.hidden_size + config.intermediate_size) * 4
     free, _ = torch.cuda.mem_get_info(device)
     return torch.device("cpu") if needed > free // 2 else device
 
@@ -157,7 +157,7 @@ class BlockReuse:
 
     def record(self, name: str, x: torch.Tensor) -> None:
         """Keep ``x`` (the next batch's input of Linear ``name``) if it ends a reusable block."""
-        if name in self.blocks and name not in self.recorded:
+        if name in self.blocks:
             self.recording.setdefault(name, []).append(x.to(self.storage))
 
     def pass_done(self) -> None:

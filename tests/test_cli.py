@@ -132,3 +132,13 @@ def test_eval_text_shorter_than_a_window(tiny_llama, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the city")
     assert_user_error(invoke("eval", tiny_llama, "--dataset", text, "--seqlen", 64), "fewer than one window")
+
+
+def test_awq_is_on_with_gptq_and_off_with_rtn_unless_asked():
+    from quantkit.recipe import PRESETS, Recipe
+
+    assert Recipe().awq is True and Recipe().to_dict()["awq"] is True  # the manifest records the resolved value
+    assert Recipe(method="rtn").awq is False
+    assert Recipe(method="rtn", awq=True).awq is True
+    assert Recipe.from_dict(PRESETS["gptq"]).awq is False
+    assert Recipe.from_dict({**PRESETS["rsq"], "awq": True}).awq is True
