@@ -32,6 +32,7 @@ RECIPES = {
     "rsq": ["--preset", "rsq"],
     "rtn+awq": ["--method", "rtn", "--awq", "--awq-clip"],
     "gptq+awq": ["--method", "gptq", "--awq"],
+    "gptq+awq+attncon": ["--method", "gptq", "--awq", "--importance", "attncon"],
     "rsq+awq": ["--preset", "rsq", "--awq"],
 }
 
