@@ -321,18 +321,22 @@ def quantize_layers(
             for group in adapter.sequential:
                 modules = {name: layer.get_submodule(name) for name in group}
                 hessians = {}
+                owners = adapter.input_owners(modules)
                 if recipe.method == "gptq":
                     progress.stage(i, "hessians " + "/".join(n.split(".")[-1] for n in group))
-                    hessians = _collect_hessians(layer, modules, inputs, importance, adapter.input_owners(modules), reuse)
-                for j, (name, module) in enumerate(modules.items()):
+                    hessians = _collect_hessians(layer, modules, inputs, importance, owners, reuse)
+                for j, names in enumerate(_stacks(owners)):
                     started = time.perf_counter()
+                    label = names[0] + "".join("/" + n.rsplit(".", 1)[-1] for n in names[1:])
+                    weight = torch.cat([modules[n].weight.data for n in names])
                     q, loss = None, None
                     if world.owns(j):
-                        q, loss = _quantize_module(module, hessians.get(name), recipe, grid, f"layer {i} {name}")
-                    q, loss = world.share(j % world.size, q, loss, module.weight)
-                    module.weight.data = q.dequantize().to(module.weight.dtype)
-                    results[name] = _compact(q)
-                    progress.module(i, len(layers), name, time.perf_counter() - started, loss)
+                        q, loss = _quantize_weight(weight, hessians.get(names[0]), recipe, grid, f"layer {i} {label}")
+                    q, loss = world.share(j % world.size, q, loss, weight)
+                    for name, part in zip(names, q.split_rows([modules[n].out_features for n in names])):
+                        modules[name].weight.data = part.dequantize().to(weight.dtype)
+                        results[name] = _compact(part)
+                    progress.module(i, len(layers), label, time.perf_counter() - started, loss)
             if inputs is not None:
                 progress.stage(i, "outputs")
                 inputs.hidden = _forward(layer, inputs, reuse)
@@ -448,15 +452,26 @@ def _collect_hessians(layer, modules: dict[str, nn.Module], inputs: LayerInputs,
     return {name: stats.hessian for name, stats in _input_statistics(layer, modules, inputs, importance, owners, reuse).items()}
 
 
-def _quantize_module(module: nn.Linear, hessian: Hessian | None, recipe: Recipe, grid, where: str):
+def _stacks(owners: dict[str, str]) -> list[list[str]]:
+    """Linears that read one input (q/k/v; gate/up) as one stack: they share H and act-order's
+    column order, and GPTQ treats rows independently, so one solve over the stacked rows gives each
+    Linear exactly its own result while running the per-column loop once."""
+    stacks: dict[str, list[str]] = {}
+    for name, owner in owners.items():
+        stacks.setdefault(owner, []).append(name)
+    return list(stacks.values())
+
+
+def _quantize_weight(weight: torch.Tensor, hessian: Hessian | None, recipe: Recipe, grid, where: str):
+    """weight [N, K] (one Linear or a stack) → (QuantizedWeight, GPTQ loss or None for RTN)."""
     if hessian is None:
-        return rtn_quantize(module.weight.data, grid), None
+        return rtn_quantize(weight, grid), None
     H = hessian.value
     if not torch.isfinite(H).all():
         raise QuantkitError(f"NaN or Inf in the activations entering {where}")
     try:
         result = gptq_quantize(
-            module.weight.data, H, grid, block_size=recipe.block_size, damp=recipe.damp, act_order=recipe.act_order
+            weight, H, grid, block_size=recipe.block_size, damp=recipe.damp, act_order=recipe.act_order
         )
     except CholeskyError as e:
         raise QuantkitError(f"GPTQ failed on {where}: {e}; retry with a larger --damp (e.g. 0.1)") from None

@@ -1,9 +1,12 @@
-"""The layer walk: reusing finished blocks' inputs changes nothing but the time taken."""
+"""The layer walk: reusing finished blocks' inputs and solving Linears that share an input as one
+stack change nothing but the time taken."""
 
 import dataclasses
 
 import pytest
 import torch
+
+import quantkit.pipeline
 
 from conftest import make_tiny_model
 from quantkit.model import load_model
@@ -47,3 +50,28 @@ def test_reusing_block_inputs_gives_the_same_quantization(tmp_path, model_type, 
     # and the blocks are back to their own forward afterwards
     for layer in fast_model.model.layers:
         assert "forward" not in vars(layer.self_attn) and "forward" not in vars(layer.mlp)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_stacked_solves_give_each_linear_its_own_result(tmp_path, monkeypatch, model_type):
+    folder = make_tiny_model(tmp_path / model_type, model_type, layers=2, hidden=64)
+    recipe = Recipe(bits=3, group_size=32, sym=False, awq=False)
+    solved = []
+    solve = quantkit.pipeline.gptq_quantize
+    monkeypatch.setattr(quantkit.pipeline, "gptq_quantize", lambda w, *a, **k: solved.append(w.shape[0]) or solve(w, *a, **k))
+    stacked, _, _ = walk(folder, True, recipe)
+    stacked_rows = list(solved)
+    solved.clear()
+    monkeypatch.setattr(quantkit.pipeline, "_stacks", lambda owners: [[name] for name in owners])
+    apart, _, _ = walk(folder, True, recipe)
+    config = load_model(str(folder), torch.float32)[0].config
+    hidden, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * hidden // config.num_attention_heads
+    assert stacked_rows == 2 * [hidden + 2 * kv, hidden, 2 * inter, hidden]  # q/k/v, o, gate/up, down
+    assert solved == 2 * [hidden, kv, kv, hidden, inter, inter, hidden]
+    for i in stacked:
+        assert stacked[i].keys() == apart[i].keys()
+        for name, q in stacked[i].items():
+            assert torch.equal(q.codes, apart[i][name].codes), (i, name)
+            assert torch.equal(q.scales, apart[i][name].scales), (i, name)
+            assert torch.equal(q.zeros, apart[i][name].zeros), (i, name)

@@ -81,6 +81,13 @@ class QuantizedWeight:
         g = self.g_idx.long()
         return self.scales[:, g] * (self.codes.to(self.scales.dtype) - self.zeros[:, g])
 
+    def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
+        """The weights of Linears stacked along N (sizes: each one's out_features), apart again
+        (copies: no part shares memory with another, as safetensors requires of saved tensors)."""
+        parts = zip(*(t.split(sizes) for t in (self.codes, self.scales, self.zeros)))
+        return [QuantizedWeight(c.clone(), s.clone(), z.clone(), self.g_idx.clone(), self.bits, self.group_size)
+                for c, s, z in parts]
+
 
 def rtn_quantize(w: torch.Tensor, grid: Grid) -> QuantizedWeight:
     """Round-to-nearest: w [N, K] -> QuantizedWeight on ``grid`` (K divisible by the group size)."""
