@@ -44,7 +44,7 @@ def cli() -> None:
 @click.option("--act-order/--no-act-order", default=None, help="GPTQ column order by diag(H), static groups.  [default: on]")
 @click.option("--rotate/--no-rotate", default=None, help="Fuse Hadamard rotations (R1 residual, R2 per head).")
 @click.option("--rotation-seed", type=int, help="Seed of the random rotation signs.  [default: 0]")
-@click.option("--importance", type=click.Choice(IMPORTANCE), help="Token importance weighting the Hessian.")
+@click.option("--importance", type=click.Choice(IMPORTANCE), help="Token importance weighting the Hessian.  [default: attncon with gptq, uniform with rtn]")
 @click.option("--importance-min", type=float, help="Lowest mapped importance.  [default: 0.005]")
 @click.option("--importance-max", type=float, help="Highest mapped importance.  [default: 1.0]")
 @click.option("--expand", type=int, help="Dataset expansion: circularly shifted copies per sample.  [default: 1]")

@@ -28,7 +28,7 @@ class Recipe:
     seed: int = 0
     rotate: bool = False
     rotation_seed: int = 0
-    importance: str = "uniform"
+    importance: str | None = None  # None: attncon with GPTQ (it weights the Hessian), uniform with RTN
     importance_min: float = 0.005
     importance_max: float = 1.0
     expand: int = 1
@@ -39,6 +39,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.awq is None:
             object.__setattr__(self, "awq", self.method == "gptq")
+        if self.importance is None:
+            object.__setattr__(self, "importance", "attncon" if self.method == "gptq" else "uniform")
         if self.bits not in BITS:
             raise QuantkitError(f"--bits {self.bits} is not supported: choose one of {', '.join(map(str, BITS))}")
         if self.group_size != -1 and self.group_size < 1:

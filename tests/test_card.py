@@ -31,6 +31,7 @@ def test_card_has_front_matter_recipe_metrics_and_snippets(fmt, needs):
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M" and meta["library_name"] == "transformers"
     assert {"quantized", fmt, "quantkit", "4-bit"} <= set(meta["tags"])
     assert "| group_size | 32 |" in card and "| wikitext2_perplexity | 21.5 |" in card
+    assert "with GPTQ + AWQ (4-bit, group size 32" in card and "attention-concentration token importance" in card
     assert "vllm serve " in card and "LLM(model=" in card
     assert 'AutoModelForCausalLM.from_pretrained("path/to/this-model", device_map="auto")' in card
     assert f"pip install transformers accelerate {needs}" in card
@@ -46,6 +47,8 @@ def test_export_writes_card_and_verified_loaders(tiny_llama, tmp_path):
     manifest = json.loads((out / "quantkit.json").read_text())
     assert manifest["format"] == "compressed-tensors"
     assert manifest["verified_with"] == FORMATS["compressed-tensors"].VERIFIED_WITH
-    meta = front_matter((out / "README.md").read_text())
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    assert "with RTN (3-bit" in card and "token importance" not in card and "AWQ" not in card
     assert "base_model" not in meta  # a local folder is not a Hub id
     assert {"quantized", "compressed-tensors", "quantkit", "3-bit"} <= set(meta["tags"])

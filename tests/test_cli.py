@@ -134,11 +134,14 @@ def test_eval_text_shorter_than_a_window(tiny_llama, tmp_path):
     assert_user_error(invoke("eval", tiny_llama, "--dataset", text, "--seqlen", 64), "fewer than one window")
 
 
-def test_awq_is_on_with_gptq_and_off_with_rtn_unless_asked():
+def test_awq_and_attncon_are_on_with_gptq_and_off_with_rtn_unless_asked():
     from quantkit.recipe import PRESETS, Recipe
 
-    assert Recipe().awq is True and Recipe().to_dict()["awq"] is True  # the manifest records the resolved value
-    assert Recipe(method="rtn").awq is False
-    assert Recipe(method="rtn", awq=True).awq is True
-    assert Recipe.from_dict(PRESETS["gptq"]).awq is False
+    default = Recipe()
+    assert (default.awq, default.importance) == (True, "attncon")
+    assert default.to_dict()["awq"] is True and default.to_dict()["importance"] == "attncon"  # the manifest records them
+    assert (Recipe(method="rtn").awq, Recipe(method="rtn").importance) == (False, "uniform")
+    assert Recipe(method="rtn", awq=True, importance="attncon").awq is True
+    assert Recipe(method="gptq", importance="uniform").importance == "uniform"
+    assert (Recipe.from_dict(PRESETS["gptq"]).awq, Recipe.from_dict(PRESETS["gptq"]).importance) == (False, "uniform")
     assert Recipe.from_dict({**PRESETS["rsq"], "awq": True}).awq is True

@@ -19,6 +19,8 @@ EXTRA_PACKAGES = {
     "awq": ("gptqmodel", "AWQ needs `gptqmodel` (transformers ≥ 5 uses its AWQ kernels; older transformers used `autoawq`)."),
 }
 
+IMPORTANCE_NAMES = {"attncon": "attention-concentration", "actnorm": "activation-norm", "first-last": "first/last-token"}
+
 
 def _is_hub_id(source: str) -> bool:
     """'org/name' that is not a local folder: the only kind of base_model the Hub accepts."""
@@ -50,6 +52,8 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
     source = manifest.get("source_model") or config.get("_name_or_path", "")
     packages, package_note = EXTRA_PACKAGES[fmt]
     scheme = f"{recipe.bits}-bit, group size {recipe.group_size}, {'symmetric' if recipe.sym else 'asymmetric'}"
+    if recipe.method == "gptq" and recipe.importance != "uniform":
+        scheme += f", {IMPORTANCE_NAMES[recipe.importance]} token importance"
     lines = _front_matter(recipe, source) + [
         "",
         f"# {Path(source).name or 'Model'} — {recipe.bits}-bit {fmt}",
