@@ -30,15 +30,24 @@ def test_gptq_error_never_above_rtn(seed, bits, group_size, sym, act_order):
     grid = Grid(bits, group_size, sym)
     gptq = gptq_quantize(w, H, grid, act_order=act_order)
     rtn = rtn_quantize(w, grid).dequantize()
-    assert hessian_error(w, gptq.dequantized, H) <= hessian_error(w, rtn, H)
+    assert hessian_error(w, gptq.weight.dequantize(), H) <= hessian_error(w, rtn, H)
 
 
-@pytest.mark.parametrize("group_size", [32, 64])
-def test_act_order_static_groups_export_what_the_loop_used(group_size):
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_exported_weights_are_what_the_loop_used(group_size, act_order):
+    """The loop's loss Σ err²/2 equals ½ tr((W − Q)(H + λI)(W − Q)ᵀ) for the Q it rounded to (the
+    OBS error decomposition), so it must match the exported codes, scales and zeros; one wrong
+    code shows."""
     w, H = random_problem(7)
-    result = gptq_quantize(w, H, Grid(3, group_size, False), act_order=True, block_size=48)
-    assert torch.equal(result.weight.dequantize(), result.dequantized)
-    assert torch.equal(result.weight.g_idx.long(), torch.arange(w.shape[1]) // group_size)
+    result = gptq_quantize(w, H, Grid(3, group_size, False), act_order=act_order, block_size=48)
+    damped = H + result.damp * H.diag().mean() * torch.eye(H.shape[0])
+    q = result.weight.dequantize()
+    assert result.loss == pytest.approx(hessian_error(w.double(), q.double(), damped.double()) / 2, rel=1e-5)
+    q[3, 17] += result.weight.scales[3, result.weight.g_idx[17]]
+    assert result.loss != pytest.approx(hessian_error(w.double(), q.double(), damped.double()) / 2, rel=1e-5)
+    width = w.shape[1] if group_size == -1 else group_size
+    assert torch.equal(result.weight.g_idx.long(), torch.arange(w.shape[1]) // width)
 
 
 def test_hessian_weights_tokens():
@@ -55,7 +64,7 @@ def test_dead_columns_are_zeroed():
     H[5, :] = 0
     H[:, 5] = 0
     result = gptq_quantize(w, H, Grid(4, 64, True))
-    assert torch.all(result.dequantized[:, 5] == 0)
+    assert torch.all(result.weight.dequantize()[:, 5] == 0)
 
 
 def test_damping_increases_until_cholesky_succeeds():

@@ -45,11 +45,10 @@ class Hessian:
 
 @dataclass
 class GPTQResult:
-    """weight: the quantized weight; dequantized: W [N, K] exactly as the solver used it;
-    loss: Σ (w − q)² / (2 d²) over columns; damp: the damping that made H positive definite."""
+    """weight: the quantized weight; loss: Σ (w − q)² / (2 d²) over columns, which equals
+    ½ tr((W − Q)(H + λI)(W − Q)ᵀ); damp: the damping that made H positive definite."""
 
     weight: QuantizedWeight
-    dequantized: torch.Tensor
     loss: float
     damp: float
 
@@ -95,7 +94,7 @@ def gptq_quantize(
 
     act_order visits columns by decreasing diag(H) with *static groups*: each group's scale and
     zero are fitted on the original weights of its (unpermuted) columns, so the checkpoint needs
-    no g_idx reordering."""
+    no g_idx reordering. Memory beyond H: the weights once in float32 and the codes in uint8."""
     W = w.detach().to(torch.float32).clone()
     H = H.to(torch.float32).clone()
     n, k = W.shape
@@ -112,21 +111,22 @@ def gptq_quantize(
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(k, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    # The loop works on Wᵀ [K, N] (permuted) so that each column of W is a contiguous row.
+    Wt = W.t()[perm]
+    device = W.device
+    del W
+    H = H[perm][:, perm]
     Hinv, damp_used = inverse_cholesky(H, damp)
 
-    # The loop works on Wᵀ [K, N] so that each column of W is a contiguous row.
-    Wt = W.t().contiguous()
-    codes = torch.zeros_like(Wt)
-    Qt = torch.zeros_like(Wt)
-    losses = torch.zeros(n, device=W.device)
+    codes = torch.zeros(k, n, dtype=torch.uint8, device=device)
+    losses = torch.zeros(n, device=device)
     order = perm.tolist()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        with _one_thread_on_cpu(W.device):
+        with _one_thread_on_cpu(device):
             for i in range(i2 - i1):
                 col = order[i1 + i]
                 g = col // gsize
@@ -137,18 +137,16 @@ def gptq_quantize(
                 q = grid.quantize(w[:, None], scales[:, g], zeros[:, g])[:, 0]
                 dq = scales[:, g] * (q - zeros[:, g])
                 codes[i1 + i] = q
-                Qt[i1 + i] = dq
                 err = (w - dq) / d
                 losses += err.square() / 2
                 W1[i:] -= Hinv1[i, i:, None] * err[None, :]
                 Err1[i] = err
         Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
 
-    codes, Q = codes.t(), Qt.t()
     inverse = torch.argsort(perm)
-    g_idx = (torch.arange(k, device=W.device) // gsize).int()
+    g_idx = (torch.arange(k, device=device) // gsize).int()
     loss = losses.sum().item()
     if not math.isfinite(loss):
         raise CholeskyError("GPTQ produced non-finite weights")
-    weight = QuantizedWeight(codes[:, inverse], scales, zeros, g_idx, grid.bits, gsize)
-    return GPTQResult(weight, Q[:, inverse], loss, damp_used)
+    weight = QuantizedWeight(codes[inverse].t().contiguous(), scales, zeros, g_idx, grid.bits, gsize)
+    return GPTQResult(weight, loss, damp_used)
