@@ -66,7 +66,7 @@ def main() -> None:
             model = smollm2
             if name == "random-1b":
                 model, params = random_1b(smollm2, Path(tmp) / "random-1b")
-            recipe = ["--bits", "4", "--group-size", "64", "--sym", "--method", "gptq", "--no-awq", "--calibration", str(calib),
+            recipe = ["--bits", "4", "--group-size", "64", "--sym", "--preset", "gptq", "--calibration", str(calib),
                       "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu", "--quiet"]
             outs = {}
             for mode in ("single", f"torchrun×{args.nproc}"):

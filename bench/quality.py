@@ -26,13 +26,14 @@ from common import RESULTS, eval_ppl, quantkit, require_data, save, timed
 
 RECIPES = {
     "rtn": ["--method", "rtn"],
-    "gptq": ["--method", "gptq", "--no-awq"],
-    "gptq+rotate": ["--method", "gptq", "--no-awq", "--rotate"],
-    "gptq+attncon": ["--method", "gptq", "--no-awq", "--importance", "attncon"],
+    # built on --preset gptq (uniform importance, no AWQ) so that each name means the same whatever the defaults
+    "gptq": ["--preset", "gptq"],
+    "gptq+rotate": ["--preset", "gptq", "--rotate"],
+    "gptq+attncon": ["--preset", "gptq", "--importance", "attncon"],
     "rsq": ["--preset", "rsq"],
     "rtn+awq": ["--method", "rtn", "--awq", "--awq-clip"],
-    "gptq+awq": ["--method", "gptq", "--awq"],
-    "gptq+awq+attncon": ["--method", "gptq", "--awq", "--importance", "attncon"],
+    "gptq+awq": ["--preset", "gptq", "--awq"],
+    "gptq+awq+attncon": ["--preset", "gptq", "--awq", "--importance", "attncon"],
     "rsq+awq": ["--preset", "rsq", "--awq"],
 }
 

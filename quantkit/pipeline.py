@@ -328,12 +328,13 @@ def quantize_layers(
                 for j, names in enumerate(_stacks(owners)):
                     started = time.perf_counter()
                     label = names[0] + "".join("/" + n.rsplit(".", 1)[-1] for n in names[1:])
-                    weight = torch.cat([modules[n].weight.data for n in names])
+                    rows = [modules[n].weight.data for n in names]
+                    weight = torch.cat(rows) if len(rows) > 1 else rows[0]  # a lone Linear: no copy
                     q, loss = None, None
                     if world.owns(j):
                         q, loss = _quantize_weight(weight, hessians.get(names[0]), recipe, grid, f"layer {i} {label}")
                     q, loss = world.share(j % world.size, q, loss, weight)
-                    for name, part in zip(names, q.split_rows([modules[n].out_features for n in names])):
+                    for name, part in zip(names, q.split_rows([w.shape[0] for w in rows])):
                         modules[name].weight.data = part.dequantize().to(weight.dtype)
                         results[name] = _compact(part)
                     progress.module(i, len(layers), label, time.perf_counter() - started, loss)

@@ -46,10 +46,6 @@ def calibration_tokens(tokenizer, source: str | None, recipe: Recipe) -> torch.T
     return circular_shifts(random_windows(ids, recipe.nsamples, recipe.seqlen, recipe.seed), recipe.expand)
 
 
-def needs_calibration(recipe: Recipe) -> bool:
-    return recipe.method == "gptq" or recipe.awq
-
-
 def quantize_model(
     model: nn.Module,
     adapter: Adapter,
@@ -157,7 +153,7 @@ def run(
         weights = None
     else:
         model, tokenizer, adapter, weights = load_model_lazy(source, trust_remote_code, allow_pickle)
-    tokens = calibration_tokens(tokenizer, calibration, recipe) if needs_calibration(recipe) else None
+    tokens = calibration_tokens(tokenizer, calibration, recipe) if recipe.needs_calibration else None
     if world.is_main:
         parallel = f", {world.size} data-parallel processes" if world.size > 1 else ""
         log(f"quantizing {source} → {out or '(memory)'}: {recipe.bits}-bit, group {recipe.group_size}, "

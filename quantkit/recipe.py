@@ -65,6 +65,12 @@ class Recipe:
             raise QuantkitError("--format awq needs a group size (e.g. --group-size 128), not per-channel")
 
     @property
+    def needs_calibration(self) -> bool:
+        """GPTQ's Hessians and AWQ's statistics come from calibration activations (weighted by the
+        token importance); RTN alone needs none."""
+        return self.method == "gptq" or self.awq
+
+    @property
     def export_format(self) -> str:
         """The concrete format: 'auto' picks GPTQ v1 for symmetric 4/8-bit (loadable everywhere),
         compressed-tensors otherwise (transformers + compressed-tensors load every bit width and

@@ -52,3 +52,14 @@ def test_export_writes_card_and_verified_loaders(tiny_llama, tmp_path):
     assert "with RTN (3-bit" in card and "token importance" not in card and "AWQ" not in card
     assert "base_model" not in meta  # a local folder is not a Hub id
     assert {"quantized", "compressed-tensors", "quantkit", "3-bit"} <= set(meta["tags"])
+
+
+def test_card_names_importance_only_where_calibration_used_it():
+    def card(**recipe):
+        r = Recipe(bits=4, group_size=32, sym=False, **recipe)
+        return model_card({"quantization_config": FORMATS[r.export_format].quantization_config(r)}, r, {})
+
+    assert "attention-concentration token importance" in card(method="rtn", awq=True, importance="attncon")
+    assert "token importance" not in card(method="rtn", importance="attncon")  # RTN alone reads no activations
+    assert "activation-norm token importance" in card(importance="actnorm")
+    assert "token importance" not in card(importance="uniform")

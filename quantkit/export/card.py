@@ -52,7 +52,7 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
     source = manifest.get("source_model") or config.get("_name_or_path", "")
     packages, package_note = EXTRA_PACKAGES[fmt]
     scheme = f"{recipe.bits}-bit, group size {recipe.group_size}, {'symmetric' if recipe.sym else 'asymmetric'}"
-    if recipe.method == "gptq" and recipe.importance != "uniform":
+    if recipe.needs_calibration and recipe.importance != "uniform":
         scheme += f", {IMPORTANCE_NAMES[recipe.importance]} token importance"
     lines = _front_matter(recipe, source) + [
         "",
