@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from quantkit import kernels
+from quantkit.kernels import dispatch as kernels
 from quantkit.checkpoint import materialize_buffers, meta_model
 from quantkit.errors import QuantkitError
 from quantkit.packing import dequantize, unpack_cols, unpack_rows

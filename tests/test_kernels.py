@@ -8,7 +8,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
 import pytest
 import torch
 
-import quantkit.kernels as kernels
+import quantkit.kernels.dispatch as kernels
 from quantkit.kernels import dequant_gemm
 from quantkit.packing import dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows
 
