@@ -45,21 +45,59 @@ def load_text(source: str, purpose: str = "calibration") -> str:
     )
 
 
+MAX_TEXT_BYTES = 64 * 2**20  # far more than calibration (nsamples × seqlen tokens) or evaluation needs
+
+
+def _too_large(path: Path) -> QuantkitError:
+    return QuantkitError(f"{path} is larger than {MAX_TEXT_BYTES // 2**20} MiB, the limit for a text file: pass a "
+                         f"sample of it (e.g. head -c {MAX_TEXT_BYTES // 2**20}M {path.name} > sample{path.suffix})")
+
+
+def _read_capped(path: Path) -> bytes:
+    """The file's bytes, read in chunks and stopped at MAX_TEXT_BYTES or at the first NUL byte."""
+    chunks, total = [], 0
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(2**20):
+                if b"\x00" in chunk:
+                    raise QuantkitError(f"{path} looks binary (NUL bytes): pass a UTF-8 text file")
+                total += len(chunk)
+                if total > MAX_TEXT_BYTES:
+                    raise _too_large(path)
+                chunks.append(chunk)
+    except OSError as e:
+        raise QuantkitError(f"cannot read {path} ({e.strerror or e}): check the path and its permissions") from None
+    return b"".join(chunks)
+
+
+def _read_parquet(path: Path) -> str:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise QuantkitError("reading .parquet needs pyarrow: pip install pyarrow") from None
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise _too_large(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 — pyarrow raises ArrowInvalid, OSError and others for a damaged file
+        raise QuantkitError(f"{path} is not a readable parquet file ({type(e).__name__}): pass a valid .parquet, "
+                            ".jsonl or .txt file") from None
+    if "text" not in table.column_names:
+        raise QuantkitError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+    column = table.column("text")
+    if column.type not in ("string", "large_string"):
+        raise QuantkitError(f"{path}: the 'text' column holds {column.type}, not strings")
+    if column.nbytes > MAX_TEXT_BYTES:
+        raise _too_large(path)
+    return "\n\n".join(t for t in column.to_pylist() if t)
+
+
 def _read_file(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise QuantkitError("reading .parquet needs pyarrow: pip install pyarrow") from None
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise QuantkitError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
-        text = "\n\n".join(t for t in table.column("text").to_pylist() if t)
+        text = _read_parquet(path)
     else:
-        raw = path.read_bytes()
-        if b"\x00" in raw:
-            raise QuantkitError(f"{path} looks binary (NUL bytes): pass a UTF-8 text file")
+        raw = _read_capped(path)
         try:
             decoded = raw.decode("utf-8")
         except UnicodeDecodeError as e:

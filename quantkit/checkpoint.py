@@ -3,26 +3,111 @@ module's tensors at a time, so host memory holds one decoder layer, not the mode
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, read_json
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _inside(folder: Path, name: object, index: Path) -> Path:
+    """``folder / name`` for a file name taken from ``index``, refused unless it is a relative
+    path that resolves inside ``folder`` (a Hugging Face cache snapshot may also link into its
+    repository's blobs/ folder)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise QuantkitError(f"{index} names the weights file {name!r}: only file names inside the model folder are allowed")
+    root = folder.resolve()
+    target = (folder / name).resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(a) for a in allowed):
+        raise QuantkitError(f"{index} names the weights file {name!r}, which resolves outside {folder} ({target}): refused")
+    return folder / name
+
+
+def weight_files(folder: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The weights files of a checkpoint folder and, with an index, its tensor name -> file map.
+
+    Read exactly: the files model.safetensors.index.json names; else model.safetensors; else the
+    only *.safetensors file; else pickle weights (pytorch_model.bin.index.json's files, or the only
+    .bin/.pt file). Any other file in the folder is never read. Every name resolves inside ``folder``."""
+    for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        index = folder / index_name
+        if index.exists():
+            data = read_json(index, "the weights index", "re-download the model or re-export it")
+            weight_map = data.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise QuantkitError(f"{index} has no 'weight_map' object of tensor names: re-download the model or re-export it")
+            files = {}
+            for tensor, name in weight_map.items():
+                files.setdefault(name, _inside(folder, name, index))
+            return sorted(set(files.values())), {tensor: files[name] for tensor, name in weight_map.items()}
+    safetensors = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if (folder / "model.safetensors").exists():
+        candidates = [folder / "model.safetensors"]
+    elif safetensors:
+        candidates = safetensors
+    elif (folder / "pytorch_model.bin").exists():
+        candidates = [folder / "pytorch_model.bin"]
+    else:
+        candidates = pickles
+    if len(candidates) > 1:
+        names = ", ".join(f.name for f in candidates[:4])
+        raise QuantkitError(
+            f"'{folder}' holds several weights files ({names}) and no {SAFETENSORS_INDEX}: quantkit reads only the "
+            "files an index names; add the index or remove the extra files"
+        )
+    return [_inside(folder, f.name, folder) for f in candidates], None
+
+
+def is_pickle(path: Path) -> bool:
+    return not path.name.endswith(".safetensors")
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """safe_open(path), with any read problem (damaged, truncated, not safetensors) as one QuantkitError."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            yield fh
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QuantkitError(f"cannot read {path} ({detail}): the file is damaged or not safetensors; "
+                            "re-download the model or re-export it") from None
 
 
 class WeightSource:
-    """Tensor name -> file for every *.safetensors file of a checkpoint folder."""
+    """Tensor name -> file for the safetensors weights files of a checkpoint folder (see ``weight_files``)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        files, weight_map = weight_files(folder)
+        if not files or any(is_pickle(f) for f in files):
+            raise QuantkitError(f"'{folder}' holds no safetensors weights")
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.files: dict[str, Path] = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as fh:
-                self.files.update({name: f for name in fh.keys()})
+        for f in files:
+            with open_safetensors(f) as fh:
+                for name in fh.keys():
+                    if weight_map is None or weight_map.get(name) == f:
+                        self.files[name] = f
+                        self.shapes[name] = tuple(fh.get_slice(name).get_shape())
+        if weight_map is not None:
+            missing = next((n for n in weight_map if n not in self.files), None)
+            if missing is not None:
+                raise QuantkitError(f"{folder / SAFETENSORS_INDEX} places '{missing}' in {weight_map[missing].name}, "
+                                    "which lacks it: the checkpoint is incomplete")
         if not self.files:
-            raise QuantkitError(f"'{folder}' holds no *.safetensors files")
+            raise QuantkitError(f"'{folder}' holds no tensors in its *.safetensors files")
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
@@ -32,7 +117,7 @@ class WeightSource:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for f, group in by_file.items():
-            with safe_open(str(f), framework="pt") as fh:
+            with open_safetensors(f) as fh:
                 out.update({name: fh.get_tensor(name) for name in group})
         return out
 
@@ -41,6 +126,56 @@ class WeightSource:
         names = {f"{prefix}.{n}" if prefix else n: n for n in module.state_dict()}
         state = {names[k]: t.to(dtype) if t.is_floating_point() else t for k, t in self.read(list(names)).items()}
         module.load_state_dict(state, assign=True)
+
+
+def check_layer_count(config, names, layers_path: str, where: Path) -> int:
+    """Fail fast (before any layer is built) unless ``names`` has tensors for exactly the
+    config's num_hidden_layers decoder layers; returns that count."""
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise QuantkitError(f"config.json of '{where}' has num_hidden_layers {n!r}: it must be a positive integer")
+    prefix = layers_path + "."
+    present = {int(i) for i in (name[len(prefix):].split(".", 1)[0] for name in names if name.startswith(prefix)) if i.isdigit()}
+    missing = next((i for i in range(n) if i not in present), None)
+    if missing is not None:
+        raise QuantkitError(f"config.json of '{where}' asks for {n} decoder layers but the weights have no "
+                            f"'{prefix}{missing}.*' tensors: the config does not match the weights")
+    return n
+
+
+def check_weights(config, shapes: dict[str, tuple[int, ...]], layers_path: str, where: Path) -> None:
+    """Every tensor the model of ``config`` needs is in ``shapes`` ({name: shape} from the
+    checkpoint's headers) with that shape — checked before the model is built, layer 0's names
+    standing for every layer's. The LM head may be absent only when tied to the embeddings."""
+    n = check_layer_count(config, shapes, layers_path, where)
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    if isinstance(getattr(one, "layer_types", None), list):
+        one.layer_types = one.layer_types[:1]
+    expected = {name: tuple(t.shape) for name, t in build_meta(one, torch.float32, where).state_dict().items()}
+    tied = getattr(config, "tie_word_embeddings", False)
+    first = f"{layers_path}.0."
+    for name, shape in expected.items():
+        if tied and name == "lm_head.weight":
+            continue
+        names = [f"{layers_path}.{i}.{name[len(first):]}" for i in range(n)] if name.startswith(first) else [name]
+        for full in names:
+            if full not in shapes:
+                raise QuantkitError(f"'{where}' lacks the tensor '{full}' that its config.json needs: the checkpoint "
+                                    "is incomplete or the config does not match the weights")
+            if shapes[full] != shape:
+                raise QuantkitError(f"'{where}': '{full}' has shape {list(shapes[full])} but config.json implies "
+                                    f"{list(shape)}: the config does not match the weights")
+
+
+def build_meta(config, dtype: torch.dtype, where: Path | str) -> nn.Module:
+    """``meta_model``, with a config transformers cannot build a model from as one QuantkitError."""
+    try:
+        return meta_model(config, dtype)
+    except Exception as e:  # noqa: BLE001 — transformers raises many types for a bad config
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise QuantkitError(f"config.json of '{where}' does not describe a model that can be built "
+                            f"({type(e).__name__}: {detail}): fix or re-download config.json") from None
 
 
 def meta_model(config, dtype: torch.dtype) -> nn.Module:

@@ -11,23 +11,30 @@ from pathlib import Path
 
 import click
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, error_line, escape, read_json
 from quantkit.recipe import FORMATS, IMPORTANCE, METHODS, PRESETS, Recipe
 
 
 class _Group(click.Group):
+    """Every failure ends in one line on stderr and exit status 1; ``--debug`` shows the traceback."""
+
     def invoke(self, ctx: click.Context):
+        if ctx.params.get("debug"):
+            return super().invoke(ctx)
         try:
             return super().invoke(ctx)
-        except QuantkitError as e:
-            raise click.ClickException(str(e)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 — the one place errors become lines
+            raise click.ClickException(escape(error_line(e))) from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted") from None
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="quantkit")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback when a command fails.")
+def cli(debug: bool) -> None:
     """Post-training quantization for Hugging Face causal language models."""
 
 
@@ -121,10 +128,11 @@ def eval_(model, dataset, seqlen, max_tokens, device, dtype, trust_remote_code, 
     import torch
 
     from quantkit.calibration import load_text, tokenize
-    from quantkit.evaluate import perplexity
+    from quantkit.evaluate import check_windows, perplexity
     from quantkit.model import check_model_source, compute_device, load_model, load_tokenizer
     from quantkit.runtime import load_quantized, quantization_config
 
+    check_windows(seqlen, max_tokens)
     dev = compute_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
     check_model_source(model, allow_pickle)
@@ -135,7 +143,7 @@ def eval_(model, dataset, seqlen, max_tokens, device, dtype, trust_remote_code, 
         lm, tokenizer, _ = load_model(model, torch_dtype, trust_remote_code, allow_pickle)
         lm.to(dev)
     tokens = tokenize(tokenizer, load_text(dataset, "evaluation"))
-    if max_tokens:
+    if max_tokens is not None:
         tokens = tokens[:max_tokens]
     ppl, n = perplexity(lm, tokens, seqlen, show_progress=not as_json)
     result = {"perplexity": ppl, "tokens": n, "seqlen": seqlen, "model": model, "dataset": dataset}
@@ -154,10 +162,13 @@ def inspect(export_dir: Path, as_json: bool) -> None:
     config_path = export_dir / "config.json"
     if not config_path.is_file():
         raise QuantkitError(f"'{export_dir}' has no config.json: pass a quantkit export folder")
-    qc = json.loads(config_path.read_text()).get("quantization_config")
-    if qc is None:
-        raise QuantkitError(f"'{export_dir}' is not quantized (no quantization_config)")
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    qc = read_json(config_path, "the model config", "pass a quantkit export folder").get("quantization_config")
+    if not isinstance(qc, dict):
+        raise QuantkitError(f"'{export_dir}' is not quantized (no quantization_config object)")
+    manifest = read_json(manifest_path, "the manifest", "re-export the model") if manifest_path.is_file() else {}
+    for key, kinds in (("recipe", (dict, type(None))), ("metrics", dict), ("timings", dict), ("source_bytes", (int, float, type(None)))):
+        if key in manifest and (not isinstance(manifest[key], kinds) or isinstance(manifest[key], bool)):
+            raise QuantkitError(f"{manifest_path}: '{key}' is a {type(manifest[key]).__name__}: the manifest is damaged, re-export the model")
     size = sum(f.stat().st_size for f in export_dir.glob("*.safetensors"))
     info = {
         "export": str(export_dir),
@@ -171,15 +182,20 @@ def inspect(export_dir: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info))
         return
-    click.echo(f"export      {export_dir}")
-    click.echo(f"format      {qc.get('quant_method')} ({qc.get('checkpoint_format') or qc.get('format', '')})")
-    click.echo(f"bits/group  {qc.get('bits', '-')} / {qc.get('group_size', '-')}")
+    _echo(f"export      {export_dir}")
+    _echo(f"format      {qc.get('quant_method')} ({qc.get('checkpoint_format') or qc.get('format', '')})")
+    _echo(f"bits/group  {qc.get('bits', '-')} / {qc.get('group_size', '-')}")
     if info["recipe"]:
-        click.echo("recipe      " + ", ".join(f"{k}={v}" for k, v in info["recipe"].items()))
+        _echo("recipe      " + ", ".join(f"{k}={v}" for k, v in info["recipe"].items()))
     ratio = f" ({size / info['source_bytes']:.1%} of the original {info['source_bytes'] / 2**20:.1f} MiB)" if info["source_bytes"] else ""
-    click.echo(f"size        {size / 2**20:.1f} MiB{ratio}")
+    _echo(f"size        {size / 2**20:.1f} MiB{ratio}")
     for k, v in {**info["timings"], **info["metrics"]}.items():
-        click.echo(f"{k:<11} {v}")
+        _echo(f"{k:<11} {v}")
+
+
+def _echo(line: str) -> None:
+    """One line of text taken from files, control characters escaped."""
+    click.echo(escape(line))
 
 
 @cli.command(name="prepare-model")

@@ -12,10 +12,19 @@ from quantkit.errors import QuantkitError
 from quantkit.progress import console
 
 
+def check_windows(seqlen: int, max_tokens: int | None = None) -> None:
+    """--seqlen and --max-tokens that can make at least one window with one prediction."""
+    if seqlen < 2:
+        raise QuantkitError(f"--seqlen {seqlen}: a window needs at least 2 tokens (one to predict from, one to predict)")
+    if max_tokens is not None and max_tokens < seqlen:
+        raise QuantkitError(f"--max-tokens {max_tokens} is less than one window of --seqlen {seqlen}: raise it")
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, show_progress: bool = False) -> tuple[float, int]:
     """exp(mean NLL) of tokens [T] cut into ⌊T/seqlen⌋ windows of seqlen; each window predicts
     its own tokens 2..seqlen. Returns (perplexity, number of tokens evaluated)."""
+    check_windows(seqlen)
     windows = tokens.numel() // seqlen
     if windows == 0:
         raise QuantkitError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}")

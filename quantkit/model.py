@@ -97,7 +97,10 @@ def adapter_for(config) -> Adapter:
 
 
 def check_model_source(source: str, allow_pickle: bool) -> None:
-    """Refuse a local folder that is missing, holds no weights, or holds only pickle weights."""
+    """Refuse a local folder that is missing, holds no weights, or would have pickle weights read
+    (whichever way they are named: the only weights file, or an index entry) without ``allow_pickle``."""
+    from quantkit.checkpoint import is_pickle, weight_files
+
     path = Path(source)
     looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
     if not looks_local:
@@ -106,16 +109,39 @@ def check_model_source(source: str, allow_pickle: bool) -> None:
         raise QuantkitError(f"model path '{source}' does not exist: pass a local model folder or a hub id")
     if not (path / "config.json").is_file():
         raise QuantkitError(f"'{source}' has no config.json: pass a Hugging Face model folder")
-    if any(path.glob("*.safetensors")):
-        return
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        if not allow_pickle:
-            raise QuantkitError(
-                f"'{source}' has only pickle weights (.bin), which can run code when loaded: "
-                "convert them to safetensors, or pass --allow-pickle if you trust the source"
-            )
-        return
-    raise QuantkitError(f"'{source}' holds no weights (*.safetensors): pass a folder with the model's weights")
+    files, _ = weight_files(path)
+    if not files:
+        raise QuantkitError(f"'{source}' holds no weights (*.safetensors): pass a folder with the model's weights")
+    pickled = next((f for f in files if is_pickle(f)), None)
+    if pickled is not None and not allow_pickle:
+        raise QuantkitError(
+            f"'{source}' has pickle weights ({pickled.name}), which can run code when loaded: "
+            "convert them to safetensors, or pass --allow-pickle if you trust the source"
+        )
+
+
+def check_model_ends(model: nn.Module, adapter: Adapter, source: str) -> None:
+    """The embeddings and LM head exist (not left on meta, i.e. randomly initialised) and are finite."""
+    for what, module in (("embeddings", adapter.embed(model)), ("LM head", adapter.lm_head(model))):
+        w = module.weight
+        if w.is_meta:
+            raise QuantkitError(f"'{source}' has no {what} weights: the checkpoint is incomplete")
+        if not torch.isfinite(w).all():
+            raise QuantkitError(f"NaN or Inf in the {what} of '{source}': the checkpoint is damaged")
+
+
+def _safetensors_source(source: str):
+    """The WeightSource of a local safetensors folder, checked against its config before any
+    model is built; None for hub ids and pickle checkpoints."""
+    from quantkit.checkpoint import WeightSource, check_weights, is_pickle, weight_files
+
+    folder = Path(source)
+    if not folder.is_dir() or any(is_pickle(f) for f in weight_files(folder)[0]):
+        return None
+    weights = WeightSource(folder)
+    config = load_config(source)
+    check_weights(config, weights.shapes, adapter_for(config).layers_path, folder)
+    return weights
 
 
 def load_config(source: str, trust_remote_code: bool = False):
@@ -123,7 +149,7 @@ def load_config(source: str, trust_remote_code: bool = False):
 
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
         raise QuantkitError(f"cannot read the model config of '{source}': {str(e).splitlines()[0]}") from None
 
 
@@ -139,6 +165,8 @@ def load_model(
     check_model_source(source, allow_pickle)
     config = load_config(source, trust_remote_code)
     adapter = adapter_for(config)
+    if not trust_remote_code:
+        _safetensors_source(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -148,6 +176,7 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         raise QuantkitError(f"cannot load model '{source}': {str(e).splitlines()[0]}") from None
+    check_model_ends(model, adapter, source)
     model.eval()
     return model, load_tokenizer(source, trust_remote_code), adapter
 
@@ -156,19 +185,18 @@ def load_model_lazy(source: str, trust_remote_code: bool = False, allow_pickle: 
     """(model, tokenizer, adapter, weights): decoder layers stay on the meta device and are read from
     ``weights`` (a WeightSource) when the pipeline reaches them. Falls back to ``load_model``
     (weights None) for hub ids, pickle checkpoints and remote code."""
-    from quantkit.checkpoint import WeightSource, materialize_buffers, meta_model
+    from quantkit.checkpoint import build_meta, materialize_buffers
 
     check_model_source(source, allow_pickle)
-    folder = Path(source)
-    if trust_remote_code or not folder.is_dir() or not any(folder.glob("*.safetensors")):
+    weights = None if trust_remote_code else _safetensors_source(source)
+    if weights is None:
         model, tokenizer, adapter = load_model(source, None, trust_remote_code, allow_pickle)
         return model, tokenizer, adapter, None
     config = load_config(source)
     adapter = adapter_for(config)
-    weights = WeightSource(folder)
     dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = meta_model(config, dtype)
+    model = build_meta(config, dtype, source)
     layers_prefix = adapter.layers_path + "."
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in model.state_dict() if not n.startswith(layers_prefix) and not (tied and n == "lm_head.weight")]
@@ -177,6 +205,7 @@ def load_model_lazy(source: str, trust_remote_code: bool = False, allow_pickle: 
     if tied:
         model.tie_weights()
     materialize_buffers(model, config)
+    check_model_ends(model, adapter, source)
     model.eval()
     return model, load_tokenizer(source, trust_remote_code), adapter, weights
 
@@ -191,7 +220,19 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 
 def compute_device(requested: str | None) -> torch.device:
-    """The device layers are quantized on: --device, else CUDA when present, else CPU."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device layers are quantized on: --device (cpu, cuda, cuda:N), else CUDA when present, else CPU."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise QuantkitError(f"--device {requested!r} is not a device quantkit runs on: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise QuantkitError(f"--device {requested}: no CUDA GPU is available to torch here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise QuantkitError(f"--device {requested}: only {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})")
+    return device

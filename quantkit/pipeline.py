@@ -316,6 +316,7 @@ def quantize_layers(
             if recipe.awq:
                 progress.stage(i, "awq")
                 progress.note(i, len(layers), "awq " + ", ".join(awq_layer(layer, adapter, inputs, importance, recipe, grid)))
+            _round_unquantized(layer, adapter, dtype)
             results = {}
             reuse = BlockReuse(layer, adapter, inputs.storage) if inputs is not None else None
             for group in adapter.sequential:
@@ -335,7 +336,8 @@ def quantize_layers(
                         q, loss = _quantize_weight(weight, hessians.get(names[0]), recipe, grid, f"layer {i} {label}")
                     q, loss = world.share(j % world.size, q, loss, weight)
                     for name, part in zip(names, q.split_rows([w.shape[0] for w in rows])):
-                        modules[name].weight.data = part.dequantize().to(weight.dtype)
+                        # the exported values (dtype-rounded), so the next inputs are the exported model's
+                        modules[name].weight.data = part.dequantize().to(dtype).to(weight.dtype)
                         results[name] = _compact(part)
                     progress.module(i, len(layers), label, time.perf_counter() - started, loss)
             if inputs is not None:
@@ -346,6 +348,16 @@ def quantize_layers(
             progress.layer_done()
             yield i, results
             _release(layer, dtype, weights)
+
+
+def _round_unquantized(layer: nn.Module, adapter: Adapter, dtype: torch.dtype) -> None:
+    """Round the parameters exported as they are (norms with folded AWQ scales, biases) to the
+    checkpoint's ``dtype``: the walk then computes the next layer's inputs with exactly the
+    exported model's values, as a resumed walk (which reads them back) does."""
+    quantized = {f"{name}.weight" for name in adapter.linear_names()}
+    for name, p in layer.named_parameters():
+        if name not in quantized:
+            p.data = p.data.to(dtype).to(p.dtype)
 
 
 def _release(layer: nn.Module, dtype: torch.dtype, weights: WeightSource | None) -> None:

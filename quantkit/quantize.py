@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ from quantkit.errors import QuantkitError
 from quantkit.export import Exporter, manifest
 from quantkit.checkpoint import WeightSource
 from quantkit.distributed import World, init_world
-from quantkit.export.writer import finalize_output, prepare_output, temporary_dir
+from quantkit.export.writer import ExportFolder, ResumeState
 from quantkit.model import Adapter, compute_device, load_model, load_model_lazy
 from quantkit.pipeline import quantize_layers
 from quantkit.progress import log, warn
@@ -72,45 +70,12 @@ def quantize_model(
                            weights=weights, restore=restore, start=start, world=world)
     for i, results in walk:
         if exporter is not None:
-            exporter.add_layer(i, f"{prefix}.{i}", layers[i], results)
+            part = exporter.add_layer(i, f"{prefix}.{i}", layers[i], results)
+            if resume is not None:
+                resume.record(part)
         if resume is not None:
             resume.layers_done = i + 1
             resume.save()
-
-
-@dataclass
-class ResumeState:
-    """What an interrupted run had finished, kept in its temporary folder as resume.json."""
-
-    folder: Path
-    recipe: dict
-    source: str
-    tokens_sha256: str
-    layers_done: int = 0
-
-    @classmethod
-    def load(cls, folder: Path) -> "ResumeState | None":
-        path = folder / "resume.json"
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        return cls(folder, data["recipe"], data["source"], data["tokens_sha256"], data["layers_done"])
-
-    def save(self) -> None:
-        data = {"recipe": self.recipe, "source": self.source, "tokens_sha256": self.tokens_sha256, "layers_done": self.layers_done}
-        tmp = self.folder / "resume.json.tmp"
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(self.folder / "resume.json")
-
-    def check(self, recipe: Recipe, source: str, tokens_sha256: str) -> None:
-        if self.recipe != recipe.to_dict():
-            changed = sorted(k for k, v in recipe.to_dict().items() if self.recipe.get(k) != v)
-            raise QuantkitError(
-                f"--resume with a different recipe ({', '.join(changed)} changed): rerun with the interrupted run's "
-                "flags, or drop --resume to start over"
-            )
-        if self.source != source or self.tokens_sha256 != tokens_sha256:
-            raise QuantkitError("--resume with a different model or calibration text: use the interrupted run's, or drop --resume")
 
 
 def _sha256(tokens: torch.Tensor | None) -> str:
@@ -144,52 +109,61 @@ def run(
         raise QuantkitError("--resume runs in a single process: rerun the same command without torchrun "
                             "(the result is the same as a data-parallel run's)")
     writes = out is not None and world.is_main
-    if writes and out.exists() and not force:
-        raise QuantkitError(f"output folder '{out}' exists: choose another path or pass --force to replace it")
-    if writes and resume and ResumeState.load(temporary_dir(out)) is None:
-        raise QuantkitError(f"nothing to resume: {temporary_dir(out)} holds no interrupted run of '{out}'")
-    if keep_model or out is None:
-        model, tokenizer, adapter = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        weights = None
-    else:
-        model, tokenizer, adapter, weights = load_model_lazy(source, trust_remote_code, allow_pickle)
-    tokens = calibration_tokens(tokenizer, calibration, recipe) if recipe.needs_calibration else None
-    if world.is_main:
-        parallel = f", {world.size} data-parallel processes" if world.size > 1 else ""
-        log(f"quantizing {source} → {out or '(memory)'}: {recipe.bits}-bit, group {recipe.group_size}, "
-            f"{'sym' if recipe.sym else 'asym'}, {recipe.method}, format {recipe.export_format}, device {dev}{parallel}")
-    if recipe.format == "auto" and world.is_main:
-        why = ("symmetric 4/8-bit GPTQ loads in transformers, GPTQModel and vLLM" if recipe.export_format == "gptq" else
-               "GPTQ v1 cannot carry this grid everywhere (asymmetric zero points, 2/3-bit kernels); "
-               "transformers + compressed-tensors load it exactly")
-        log(f"--format auto chose {recipe.export_format}: {why}")
-    if not writes:
-        quantize_model(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world)
-        return Run(model, None, time.perf_counter() - started)
-    tmp = prepare_output(out, force, resume)
-    state = ResumeState.load(tmp) if resume else None
-    if state is not None:
-        state.check(recipe, source, _sha256(tokens))
-        log(f"resuming after {state.layers_done} finished layers")
-    else:
-        state = ResumeState(tmp, recipe.to_dict(), source, _sha256(tokens))
-        state.save()
+    folder = ExportFolder(out, Path(source) if Path(source).is_dir() else None) if writes else None
+    state = None
+    if folder is not None:
+        folder.check(force, resume)  # before the (slow) model load; ``open`` checks again under the lock
+        state = folder.open(force, resume)
     try:
-        exporter = Exporter(tmp, recipe, max_shard_bytes)
-        quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state, world)
-        seconds = time.perf_counter() - started
-        extra = {"source_bytes": _folder_bytes(Path(source))}
-        exporter.finish(model, adapter, source, tokenizer, manifest(recipe, source, seconds, extra))
-        (tmp / "resume.json").unlink()
-        finalize_output(tmp, out)
-    except KeyboardInterrupt:
-        raise QuantkitError(
-            f"interrupted after {state.layers_done} layers: the finished work is kept in {tmp}; "
-            "rerun the same command with --resume to continue"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            if keep_model or out is None:
+                model, tokenizer, adapter = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                weights = None
+            else:
+                model, tokenizer, adapter, weights = load_model_lazy(source, trust_remote_code, allow_pickle)
+            tokens = calibration_tokens(tokenizer, calibration, recipe) if recipe.needs_calibration else None
+        except BaseException:
+            if folder is not None and state is None:
+                folder.discard()
+            raise
+        if world.is_main:
+            parallel = f", {world.size} data-parallel processes" if world.size > 1 else ""
+            log(f"quantizing {source} → {out or '(memory)'}: {recipe.bits}-bit, group {recipe.group_size}, "
+                f"{'sym' if recipe.sym else 'asym'}, {recipe.method}, format {recipe.export_format}, device {dev}{parallel}")
+        if recipe.format == "auto" and world.is_main:
+            why = ("symmetric 4/8-bit GPTQ loads in transformers, GPTQModel and vLLM" if recipe.export_format == "gptq" else
+                   "GPTQ v1 cannot carry this grid everywhere (asymmetric zero points, 2/3-bit kernels); "
+                   "transformers + compressed-tensors load it exactly")
+            log(f"--format auto chose {recipe.export_format}: {why}")
+        if folder is None:
+            quantize_model(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world)
+            return Run(model, None, time.perf_counter() - started)
+        tmp = folder.tmp
+        if state is not None:
+            state.check(recipe.to_dict(), source, _sha256(tokens))
+            log(f"resuming after {state.layers_done} finished layers")
+        try:
+            if state is None:
+                state = ResumeState(tmp, recipe.to_dict(), source, _sha256(tokens))
+                state.save()
+            exporter = Exporter(tmp, recipe, max_shard_bytes)
+            quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state, world)
+            seconds = time.perf_counter() - started
+            extra = {"source_bytes": _folder_bytes(Path(source))}
+            exporter.finish(model, adapter, source, tokenizer, manifest(recipe, source, seconds, extra))
+            (tmp / "resume.json").unlink()
+            folder.finalize(force)
+        except KeyboardInterrupt:
+            raise QuantkitError(
+                f"interrupted after {state.layers_done} layers: the finished work is kept in {tmp}; "
+                "rerun the same command with --resume to continue"
+            ) from None
+        except BaseException:
+            folder.discard()
+            raise
+    finally:
+        if folder is not None:
+            folder.close()
     return Run(model, out, time.perf_counter() - started)
 
 

@@ -55,6 +55,9 @@ class Recipe:
             raise QuantkitError(f"--damp {self.damp}: use a fraction of the mean Hessian diagonal, e.g. 0.01")
         if self.nsamples < 1 or self.seqlen < 2:
             raise QuantkitError("--nsamples must be ≥ 1 and --seqlen ≥ 2")
+        for flag, seed in (("--seed", self.seed), ("--rotation-seed", self.rotation_seed)):
+            if not 0 <= seed < 2**63 - 1:
+                raise QuantkitError(f"{flag} {seed}: use a seed from 0 to 2**63 - 2")
         if self.expand < 1:
             raise QuantkitError("--expand must be ≥ 1")
         if not 0 <= self.importance_min <= self.importance_max or self.importance_max <= 0:

@@ -7,17 +7,16 @@ points packed along N, scales [K/G, N], g_idx int32 [K].
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from quantkit.kernels import dispatch as kernels
-from quantkit.checkpoint import materialize_buffers, meta_model
-from quantkit.errors import QuantkitError
+from quantkit.checkpoint import build_meta, check_layer_count, is_pickle, materialize_buffers, open_safetensors, weight_files
+from quantkit.errors import QuantkitError, read_json
+from quantkit.model import adapter_for, check_model_ends, load_config
 from quantkit.packing import dequantize, unpack_cols, unpack_rows
 
 
@@ -58,69 +57,141 @@ class QuantLinear(nn.Module):
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the safetensors checkpoint in ``folder`` (single file or sharded)."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise QuantkitError(f"'{folder}' holds no *.safetensors files")
+    """The tensors of the safetensors checkpoint in ``folder``: exactly those its index names (or
+    all of its one weights file), see ``quantkit.checkpoint.weight_files``."""
+    files, weight_map = weight_files(folder)
+    if not files or any(is_pickle(f) for f in files):
+        raise QuantkitError(f"'{folder}' holds no *.safetensors weights: pass a quantized export folder")
     tensors = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
+        with open_safetensors(f) as fh:
             for name in fh.keys():
-                tensors[name] = fh.get_tensor(name)
+                if weight_map is None or weight_map.get(name) == f:
+                    tensors[name] = fh.get_tensor(name)
+    missing = next((n for n in weight_map or {} if n not in tensors), None)
+    if missing is not None:
+        raise QuantkitError(f"'{folder}': the index places '{missing}' in {weight_map[missing].name}, which lacks it")
     return tensors
 
 
 def quantization_config(folder: Path) -> dict | None:
-    config = json.loads((folder / "config.json").read_text())
-    return config.get("quantization_config")
+    config = read_json(folder / "config.json", "the model config", "re-export the model or restore config.json")
+    qc = config.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise QuantkitError(f"{folder / 'config.json'}: quantization_config is a {type(qc).__name__}, not an object")
+    return qc
 
 
-def _runtime_layers(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, dict[str, torch.Tensor]]:
+# checkpoint tensors each format needs per quantized Linear (the others are optional)
+REQUIRED = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros", "scales"),
+            "compressed-tensors": ("weight_packed", "weight_scale", "weight_shape")}
+
+
+def _grid(qc: dict, where: Path) -> tuple[int, int]:
+    """(bits, group size; -1 = per output channel) that ``qc`` declares, validated."""
+    from quantkit.export import compressed_tensors
+
+    method = qc.get("quant_method")
+    if method == "compressed-tensors":
+        scheme = compressed_tensors._weights_scheme(qc)
+        bits, group = scheme.get("num_bits"), -1 if scheme.get("strategy") == "channel" else scheme.get("group_size")
+        names = ("config_groups.*.weights.num_bits", "config_groups.*.weights.group_size")
+    else:
+        bits, group = qc.get("bits"), qc.get("group_size")
+        names = ("bits", "group_size")
+    allowed = (4,) if method == "awq" else (2, 3, 4, 8)
+    if type(bits) is not int or bits not in allowed:
+        raise QuantkitError(f"{where / 'config.json'}: quantization_config.{names[0]} is {bits!r}; a {method} export "
+                            f"has one of {', '.join(map(str, allowed))}: the export is damaged, re-export it")
+    if type(group) is not int or not (group == -1 or group >= 1):
+        raise QuantkitError(f"{where / 'config.json'}: quantization_config.{names[1]} is {group!r}; expected -1 "
+                            "(per channel) or a positive group size: the export is damaged, re-export it")
+    return bits, group
+
+
+def _runtime_layers(tensors: dict[str, torch.Tensor], qc: dict, where: Path) -> dict[str, dict[str, torch.Tensor]]:
     """{module name: runtime tensors} for every quantized Linear, converted from the checkpoint's format."""
     from quantkit.export import READERS
 
     method = qc.get("quant_method")
     if method not in READERS:
-        raise QuantkitError(f"quantization method '{method}' is not supported by quantkit's loader ({', '.join(READERS)})")
+        raise QuantkitError(f"quantization method {method!r} is not supported by quantkit's loader ({', '.join(READERS)})")
     reader = READERS[method]
     marker = "." + reader.LEAVES[0]
     layers = {}
     for name in [n[: -len(marker)] for n in tensors if n.endswith(marker)]:
         parts = {leaf: tensors.pop(f"{name}.{leaf}") for leaf in reader.LEAVES if f"{name}.{leaf}" in tensors}
-        layers[name] = reader.read_linear(parts, qc)
+        missing = next((leaf for leaf in REQUIRED[method] if leaf not in parts), None)
+        if missing is not None:
+            raise QuantkitError(f"'{where}' lacks the tensor {name}.{missing}: the export is incomplete, re-export it")
+        try:
+            layers[name] = reader.read_linear(parts, qc)
+        except (ValueError, RuntimeError, IndexError, ZeroDivisionError, TypeError) as e:
+            raise QuantkitError(f"'{where}': the quantized tensors of {name} are malformed "
+                                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): re-export it") from None
     return layers
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear``."""
-    from transformers import AutoConfig
+def check_runtime_layer(name: str, parts: dict[str, torch.Tensor], linear: nn.Linear, bits: int, group: int, where: Path) -> None:
+    """The runtime tensors of Linear ``name`` (see the module docstring) agree with its shape and
+    the declared ``bits``/``group`` (-1 = per channel): shapes, dtypes, g_idx range, finite scales."""
+    k, n = linear.in_features, linear.out_features
+    g = k if group == -1 else group
+    if k % g or (k * bits) % 32 or (n * bits) % 32:
+        raise QuantkitError(f"'{where}': {name} (in {k}, out {n}) cannot hold {bits}-bit codes in groups of {g}: "
+                            "the export does not match its config")
+    groups = k // g
+    expected = {"qweight": (k * bits // 32, n), "qzeros": (groups, n * bits // 32), "scales": (groups, n), "g_idx": (k,)}
+    for leaf, shape in expected.items():
+        t = parts[leaf]
+        if tuple(t.shape) != shape:
+            raise QuantkitError(f"'{where}': {name}.{leaf} has shape {list(t.shape)}, but {bits}-bit group {group} "
+                                f"for a {k}→{n} Linear needs {list(shape)}: the export does not match its config")
+        if t.is_floating_point() != (leaf == "scales"):
+            raise QuantkitError(f"'{where}': {name}.{leaf} has dtype {t.dtype}: the export is damaged")
+    if not torch.isfinite(parts["scales"]).all():
+        raise QuantkitError(f"'{where}': NaN or Inf in the scales of {name}: the export is damaged, re-export it")
+    g_idx = parts["g_idx"]
+    if k and (g_idx.min() < 0 or g_idx.max() >= groups):
+        raise QuantkitError(f"'{where}': {name} has g_idx values outside [0, {groups}): the export is damaged, re-export it")
 
+
+def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear``; every
+    quantized Linear is checked against the config (``check_runtime_layer``) before use."""
     folder = Path(path)
-    config = AutoConfig.from_pretrained(folder)
     qc = quantization_config(folder)
     if qc is None:
         raise QuantkitError(f"'{folder}' has no quantization_config in config.json: it is not a quantized export")
+    config = load_config(str(folder))
     del config.quantization_config
+    bits, group = _grid(qc, folder)
+    tensors = read_tensors(folder)
+    check_layer_count(config, tensors, adapter_for(config).layers_path, folder)
     dtype = dtype or getattr(config, "dtype", None) or torch.float16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = meta_model(config, dtype)
-    tensors = read_tensors(folder)
-    for name, parts in _runtime_layers(tensors, qc).items():
-        old = model.get_submodule(name)
-        bits = parts["qweight"].shape[0] * 32 // old.in_features
-        group_size = old.in_features // parts["scales"].shape[0]
-        new = QuantLinear(old.in_features, old.out_features, bits, group_size, old.bias is not None)
+    model = build_meta(config, dtype, folder)
+    modules = dict(model.named_modules())
+    for name, parts in _runtime_layers(tensors, qc, folder).items():
+        old = modules.get(name)
+        if not isinstance(old, nn.Linear):
+            raise QuantkitError(f"'{folder}' has quantized tensors for {name}, which is not a Linear of the model")
+        check_runtime_layer(name, parts, old, bits, group, folder)
+        new = QuantLinear(old.in_features, old.out_features, bits, group, old.bias is not None)
         for leaf, t in parts.items():
-            if getattr(new, leaf).shape != t.shape:
-                raise QuantkitError(f"'{folder}': {name}.{leaf} has shape {tuple(t.shape)}, expected {tuple(getattr(new, leaf).shape)}")
             setattr(new, leaf, t)
         if old.bias is not None:
+            if f"{name}.bias" not in tensors:
+                raise QuantkitError(f"'{folder}' lacks the tensor {name}.bias: the export is incomplete")
             new.bias = nn.Parameter(tensors.pop(f"{name}.bias").to(dtype), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:
+        raise QuantkitError(f"'{folder}': {str(e).strip().splitlines()[-1].strip()}: the export does not match its config") from None
     if unexpected:
         raise QuantkitError(f"'{folder}' has tensors the model does not: {', '.join(unexpected[:3])}")
     if getattr(config, "tie_word_embeddings", False):
@@ -129,4 +200,5 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
         raise QuantkitError(f"'{folder}' lacks tensors for {', '.join(leftover[:3])}")
+    check_model_ends(model, adapter_for(config), str(folder))
     return model.to(device).eval()

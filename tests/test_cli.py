@@ -51,8 +51,13 @@ def test_existing_output_needs_force(tiny_llama, tmp_path):
     (out / "keep.txt").write_text("x")
     assert_user_error(invoke("quantize", tiny_llama, out, "--method", "rtn"), "exists", "--force")
     assert (out / "keep.txt").exists()
-    r = invoke("quantize", tiny_llama, out, "--method", "rtn", "--force", "--quiet")
-    assert r.exit_code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --force replaces only an empty folder or an earlier quantkit export
+    assert_user_error(invoke("quantize", tiny_llama, out, "--method", "rtn", "--force"), "--force replaces only", "keep.txt")
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # the empty folder, then the export written into it
+        r = invoke("quantize", tiny_llama, out, "--method", "rtn", "--force", "--quiet")
+        assert r.exit_code == 0 and (out / "model.safetensors").exists()
 
 
 def test_missing_model_path(tmp_path):

@@ -12,7 +12,7 @@ from torch import nn
 from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.export import awq, compressed_tensors, gptq
 from quantkit.export.card import model_card
-from quantkit.export.writer import ShardWriter, write_json, write_part
+from quantkit.export.writer import MANIFEST, ShardWriter, write_json, write_part, write_text
 from quantkit.model import Adapter
 from quantkit.packing import dequantize, unpack_cols, unpack_rows
 from quantkit.recipe import Recipe
@@ -49,8 +49,9 @@ class Exporter:
     def _part(self, name: str) -> Path:
         return self.folder / f"part-{name}.safetensors"
 
-    def add_layer(self, index: int, prefix: str, layer: nn.Module, results: dict[str, QuantizedWeight]) -> None:
-        """Write decoder layer ``prefix`` (e.g. 'model.layers.3'): packed Linears, other tensors as is."""
+    def add_layer(self, index: int, prefix: str, layer: nn.Module, results: dict[str, QuantizedWeight]) -> Path:
+        """Write decoder layer ``prefix`` (e.g. 'model.layers.3'): packed Linears, other tensors as is.
+        Returns the part file written."""
         tensors = {}
         for name, t in layer.state_dict().items():
             module, _, leaf = name.rpartition(".")
@@ -58,7 +59,9 @@ class Exporter:
                 tensors[f"{prefix}.{name}"] = t
         for name, q in results.items():
             tensors.update(self.format.pack_linear(f"{prefix}.{name}", q, self.recipe))
-        write_part(self._part(f"{index:05d}"), tensors)
+        path = self._part(f"{index:05d}")
+        write_part(path, tensors)
+        return path
 
     def restore_layer(self, index: int, prefix: str, layer: nn.Module) -> None:
         """Put a written layer's tensors back into ``layer``, quantized Linears as dequantized weights."""
@@ -86,7 +89,8 @@ class Exporter:
         }
         write_part(self._part("rest"), rest)
         writer = ShardWriter(self.folder, self.max_shard_bytes)
-        for part in sorted(self.folder.glob("part-*.safetensors")):
+        layers = len(adapter.layers(model))
+        for part in [self._part(f"{i:05d}") for i in range(layers)] + [self._part("rest")]:  # exactly ours, in order
             writer.add(load_file(str(part)))
             part.unlink()
         writer.close()
@@ -99,8 +103,9 @@ class Exporter:
             for name in TOKENIZER_FILES:
                 if (Path(source) / name).is_file() and not (self.folder / name).exists():
                     shutil.copy2(Path(source) / name, self.folder / name)
-        write_json(self.folder / "quantkit.json", manifest)
-        (self.folder / "README.md").write_text(model_card(config, self.recipe, manifest))
+        write_text(self.folder / "README.md", model_card(config, self.recipe, manifest))
+        files = sorted(f.name for f in self.folder.iterdir() if f.name != "resume.json")
+        write_json(self.folder / MANIFEST, {**manifest, "files": files})
 
 
 def manifest(recipe: Recipe, source: str, seconds: float, extra: dict | None = None) -> dict:
