@@ -149,8 +149,8 @@ def load_config(source: str, trust_remote_code: bool = False):
 
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
-        raise QuantkitError(f"cannot read the model config of '{source}': {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 — transformers raises many types for a bad config.json
+        raise QuantkitError(f"cannot read the model config of '{source}': {' '.join(str(e).split())[:300]}") from None
 
 
 def load_model(
@@ -161,12 +161,14 @@ def load_model(
 ):
     """Load (model on CPU, tokenizer, adapter) from a local folder or hub id. ``dtype`` None = checkpoint's."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     check_model_source(source, allow_pickle)
     config = load_config(source, trust_remote_code)
     adapter = adapter_for(config)
     if not trust_remote_code:
         _safetensors_source(source)
+    hf_logging.disable_progress_bar()  # stderr carries quantkit's lines only
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
