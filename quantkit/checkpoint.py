@@ -19,17 +19,18 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-def _inside(folder: Path, name: object, index: Path) -> Path:
-    """``folder / name`` for a file name taken from ``index``, refused unless it is a relative
-    path that resolves inside ``folder`` (a Hugging Face cache snapshot may also link into its
-    repository's blobs/ folder)."""
+def inside(folder: Path, name: object, named_by: str) -> Path:
+    """``folder / name`` (a file name that ``named_by`` gave), refused unless it is a relative
+    path that resolves inside ``folder``, links included (a Hugging Face cache snapshot may also
+    link into its repository's blobs/ folder)."""
     if not isinstance(name, str) or not name or Path(name).is_absolute():
-        raise QuantkitError(f"{index} names the weights file {name!r}: only file names inside the model folder are allowed")
+        raise QuantkitError(f"{named_by} names the file {name!r}: only file names inside the model folder are allowed")
     root = folder.resolve()
     target = (folder / name).resolve()
     allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
     if not any(target.is_relative_to(a) for a in allowed):
-        raise QuantkitError(f"{index} names the weights file {name!r}, which resolves outside {folder} ({target}): refused")
+        raise QuantkitError(f"{named_by} names the file {name!r}, which resolves outside {folder} (to {target}): "
+                            "quantkit reads only files inside the model folder")
     return folder / name
 
 
@@ -48,7 +49,7 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, Path] | None]:
                 raise QuantkitError(f"{index} has no 'weight_map' object of tensor names: re-download the model or re-export it")
             files = {}
             for tensor, name in weight_map.items():
-                files.setdefault(name, _inside(folder, name, index))
+                files.setdefault(name, inside(folder, name, str(index)))
             return sorted(set(files.values())), {tensor: files[name] for tensor, name in weight_map.items()}
     safetensors = sorted(folder.glob("*.safetensors"))
     pickles = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
@@ -66,7 +67,7 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, Path] | None]:
             f"'{folder}' holds several weights files ({names}) and no {SAFETENSORS_INDEX}: quantkit reads only the "
             "files an index names; add the index or remove the extra files"
         )
-    return [_inside(folder, f.name, folder) for f in candidates], None
+    return [inside(folder, f.name, f"'{folder}'") for f in candidates], None
 
 
 def is_pickle(path: Path) -> bool:

@@ -99,7 +99,8 @@ def adapter_for(config) -> Adapter:
 def check_model_source(source: str, allow_pickle: bool) -> None:
     """Refuse a local folder that is missing, holds no weights, or would have pickle weights read
     (whichever way they are named: the only weights file, or an index entry) without ``allow_pickle``."""
-    from quantkit.checkpoint import is_pickle, weight_files
+    from quantkit.checkpoint import inside, is_pickle, weight_files
+    from quantkit.export import TOKENIZER_FILES
 
     path = Path(source)
     looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
@@ -109,6 +110,9 @@ def check_model_source(source: str, allow_pickle: bool) -> None:
         raise QuantkitError(f"model path '{source}' does not exist: pass a local model folder or a hub id")
     if not (path / "config.json").is_file():
         raise QuantkitError(f"'{source}' has no config.json: pass a Hugging Face model folder")
+    for name in ("config.json", *TOKENIZER_FILES):  # what is read besides the weights: no link out of the folder
+        if (path / name).is_symlink():
+            inside(path, name, f"'{source}'")
     files, _ = weight_files(path)
     if not files:
         raise QuantkitError(f"'{source}' holds no weights (*.safetensors): pass a folder with the model's weights")

@@ -6,6 +6,7 @@ module; the folder is snapshotted (file hashes, link targets) before and after t
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -242,7 +243,7 @@ def index_names_parent_path(env):
     return env.eval_args(_index_to(env, "../../etc/passwd"))
 
 
-@case("only file names inside the model folder")
+@case("only file names inside the model folder are allowed")
 def index_names_absolute_path(env):
     return env.eval_args(_index_to(env, "/etc/passwd"))
 
@@ -252,6 +253,14 @@ def shard_is_symlink_out_of_folder(env):
     outside = env.root / "outside.safetensors"
     shutil.move(env.model / "model.safetensors", outside)
     (env.model / "model.safetensors").symlink_to(outside)
+    return ["quantize", env.model, env.root / "out", *RTN]
+
+
+@case("resolves outside")
+def tokenizer_is_symlink_out_of_folder(env):
+    secret = env.root / "secret.json"
+    shutil.move(env.model / "tokenizer.json", secret)
+    (env.model / "tokenizer.json").symlink_to(secret)
     return ["quantize", env.model, env.root / "out", *RTN]
 
 
@@ -475,11 +484,24 @@ def output_parent_is_a_file(env):
 
 @case("Permission denied")
 def output_parent_read_only(env):
-    if os.geteuid() == 0:
-        pytest.skip("root ignores folder permissions")
-    (env.root / "ro").mkdir()
-    (env.root / "ro").chmod(0o555)
-    return ["quantize", env.model, env.root / "ro" / "out", *RTN]
+    ro = env.root / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    env.cleanup.append(lambda: ro.chmod(0o755))
+    if os.geteuid() == 0:  # root writes anyway: refuse creation inside ro as the kernel would for a user
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def refuse(real):
+            def call(path, *args, **kwargs):
+                if Path(path).parent == ro:
+                    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+                return real(path, *args, **kwargs)
+
+            return call
+
+        env.monkeypatch.setattr(os, "open", refuse(real_open))
+        env.monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
+    return ["quantize", env.model, ro / "out", *RTN]
 
 
 @case("free disk space")
