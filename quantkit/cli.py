@@ -77,6 +77,8 @@ def quantize(model, output_dir, preset, fmt, device, offload, max_shard_size, fo
     """Quantize MODEL (folder or hub id) into OUTPUT_DIR."""
     from quantkit.quantize import run
 
+    if max_shard_size < 1:
+        raise QuantkitError(f"--max-shard-size {max_shard_size}: give a shard size of at least 1 MiB")
     values = dict(PRESETS[preset]) if preset else {}
     values.update({k: v for k, v in flags.items() if v is not None})
     if fmt is not None:

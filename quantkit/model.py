@@ -106,6 +106,8 @@ def check_model_source(source: str, allow_pickle: bool) -> None:
     looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
     if not looks_local:
         return  # a hub id: transformers resolves it
+    if path.exists() and not path.is_dir():
+        raise QuantkitError(f"model path '{source}' is a file: pass the model's folder")
     if not path.is_dir():
         raise QuantkitError(f"model path '{source}' does not exist: pass a local model folder or a hub id")
     if not (path / "config.json").is_file():
@@ -221,8 +223,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise QuantkitError(f"cannot load the tokenizer of '{source}': {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 — tokenizers and transformers raise many types for damaged files
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise QuantkitError(f"cannot load the tokenizer of '{source}' ({detail}): restore its tokenizer files") from None
 
 
 def compute_device(requested: str | None) -> torch.device:

@@ -93,8 +93,12 @@ def _grid(qc: dict, where: Path) -> tuple[int, int]:
 
     method = qc.get("quant_method")
     if method == "compressed-tensors":
-        scheme = compressed_tensors._weights_scheme(qc)
-        bits, group = scheme.get("num_bits"), -1 if scheme.get("strategy") == "channel" else scheme.get("group_size")
+        try:
+            scheme = compressed_tensors._weights_scheme(qc)
+            bits, group = scheme.get("num_bits"), -1 if scheme.get("strategy") == "channel" else scheme.get("group_size")
+        except (AttributeError, KeyError, TypeError):
+            raise QuantkitError(f"{where / 'config.json'}: quantization_config.config_groups is malformed: "
+                                "the export is damaged, re-export it") from None
         names = ("config_groups.*.weights.num_bits", "config_groups.*.weights.group_size")
     else:
         bits, group = qc.get("bits"), qc.get("group_size")

@@ -422,6 +422,34 @@ def config_escape_sequence_in_error(env):
     return ["quantize", env.model, env.root / "out", *RTN]
 
 
+@case("cannot load the tokenizer")
+def tokenizer_wrong_types(env):
+    (env.model / "tokenizer.json").write_text("[]")
+    return ["quantize", env.model, env.root / "out", *RTN]
+
+
+@case("config_groups is malformed")
+def export_config_groups_wrong_type(env):
+    return env.eval_args(_ct_groups(env))
+
+
+def _ct_groups(env) -> Path:
+    export = env.export()
+    env.edit_json(export / "config.json", lambda c: c.__setitem__(
+        "quantization_config", {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": []}))
+    return export
+
+
+@case("is a file: pass the model's folder")
+def model_is_a_file(env):
+    return env.eval_args(env.calib)
+
+
+@case("--max-shard-size 0")
+def shard_size_zero(env):
+    return ["quantize", env.model, env.root / "out", "--max-shard-size", 0, *RTN]
+
+
 @case("the manifest")
 def inspect_manifest_not_json(env):
     (env.export() / "quantkit.json").write_text("[1, 2")
