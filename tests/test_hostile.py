@@ -210,7 +210,7 @@ def resume_state_not_json(env):
     return ["quantize", env.model, env.root / "out", "--resume", *RTN]
 
 
-@case("'layers_done' is not a int", keep=(".out.partial",))
+@case("'layers_done' is not an integer", keep=(".out.partial",))
 def resume_state_wrong_types(env):
     (env.root / ".out.partial").mkdir()
     state = {"recipe": {}, "source": "", "tokens_sha256": "", "layers_done": "2", "files": {}}
@@ -392,9 +392,16 @@ def truncated_safetensors(env):
 
 @case("cannot read")
 def safetensors_header_lies(env):
-    data = bytearray((env.model / "model.safetensors").read_bytes())
-    data[:8] = (2**40).to_bytes(8, "little")
-    (env.model / "model.safetensors").write_bytes(bytes(data))
+    """A well-formed header whose first tensor claims bytes beyond the end of the file."""
+    data = (env.model / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [start, end + 2**30]
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    (env.model / "model.safetensors").write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + n :])
     return ["eval", env.model, "--dataset", env.calib]
 
 

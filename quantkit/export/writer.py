@@ -225,10 +225,11 @@ class ResumeState:
             return None
         fix = "drop --resume to start over"
         data = read_json(path, "the resume state", fix)
-        types = {"recipe": dict, "source": str, "tokens_sha256": str, "layers_done": int, "files": dict}
-        for key, kind in types.items():
+        types = {"recipe": (dict, "an object"), "source": (str, "a string"), "tokens_sha256": (str, "a string"),
+                 "layers_done": (int, "an integer"), "files": (dict, "an object")}
+        for key, (kind, called) in types.items():
             if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
-                raise QuantkitError(f"the resume state {path} is damaged ('{key}' is not a {kind.__name__}): {fix}")
+                raise QuantkitError(f"the resume state {path} is damaged ('{key}' is not {called}): {fix}")
         state = cls(folder, data["recipe"], data["source"], data["tokens_sha256"], data["layers_done"], data["files"])
         if state.layers_done != len(state.files) or not all(
             isinstance(r, dict) and isinstance(r.get("size"), int) and isinstance(r.get("sha256"), str)
