@@ -437,14 +437,10 @@ def tokenizer_wrong_types(env):
 
 @case("config_groups is malformed")
 def export_config_groups_wrong_type(env):
-    return env.eval_args(_ct_groups(env))
-
-
-def _ct_groups(env) -> Path:
     export = env.export()
-    env.edit_json(export / "config.json", lambda c: c.__setitem__(
-        "quantization_config", {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": []}))
-    return export
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": []}
+    env.edit_json(export / "config.json", lambda c: c.__setitem__("quantization_config", qc))
+    return env.eval_args(export)
 
 
 @case("is a file: pass the model's folder")
