@@ -1,7 +1,17 @@
-"""``python -m quantkit`` (also what ``torchrun -m quantkit quantize ...`` runs on each process)."""
+"""``python -m quantkit`` and the ``quantkit`` console script (also what ``torchrun -m quantkit
+quantize ...`` runs on each process): the thread policy first, then the command line."""
 
 import sys
 
-from quantkit.cli import main
+from quantkit.threads import apply_thread_policy
 
-sys.exit(main())
+
+def main() -> None:
+    apply_thread_policy()  # before quantkit.cli imports torch
+    from quantkit.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

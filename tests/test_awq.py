@@ -60,12 +60,43 @@ def test_alpha_zero_is_plain_quantization_and_search_never_loses():
     H = hessian(x)
     found = awq_scale_search(H, x.abs().mean(0), [w[:48], w[48:]], grid)
     plain = output_error(H, w, rtn_quantize(w, grid).dequantize())
-    assert found.errors[0] == pytest.approx(plain, rel=1e-5)
-    assert min(found.errors) <= found.errors[0]
+    assert found.errors[0.0] == pytest.approx(plain, rel=1e-5)
+    assert min(found.errors.values()) <= found.errors[0.0]
     assert found.alpha > 0  # with salient channels, scaling must help
-    assert found.errors[int(found.alpha * 20)] == min(found.errors)
+    assert found.errors[found.alpha] == min(found.errors.values())
     chosen = rtn_quantize(w * found.scales, grid).dequantize() / found.scales
     assert token_error(x, torch.ones(x.shape[0]), w, chosen) < token_error(x, torch.ones(x.shape[0]), w, rtn_quantize(w, grid).dequantize())
+
+
+def test_full_grid_tries_every_alpha_and_keeps_the_best():
+    x, w = salient_problem(5)
+    grid = Grid(3, 32, sym=False)
+    H = hessian(x)
+    full = awq_scale_search(H, x.abs().mean(0), [w], grid, coarse=1)
+    assert list(full.errors) == [i / 20 for i in range(20)]
+    assert full.alpha == min(full.errors, key=full.errors.get)
+    # each error is the output error of that α's scales, written out
+    for alpha in (0.0, full.alpha, 0.95):
+        s = x.abs().mean(0).pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        w_hat = rtn_quantize(w * s, grid).dequantize() / s
+        assert full.errors[alpha] == pytest.approx(output_error(H, w, w_hat), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("bits,duo", [(3, False), (4, False), (2, True)])
+def test_coarse_to_fine_picks_the_full_grids_alpha(seed, bits, duo):
+    """Every α the coarse search tries has the full grid's error, and its choice is the full grid's,
+    with at most 12 of the 20 evaluations."""
+    x, w = salient_problem(seed)
+    x[:, 4:12] *= 1 + seed  # vary how salient the channels are, so the best α moves
+    grid = Grid(bits, 32, sym=False)
+    H = hessian(x)
+    full = awq_scale_search(H, x.abs().mean(0), [w], grid, duo, coarse=1)
+    fast = awq_scale_search(H, x.abs().mean(0), [w], grid, duo)
+    assert len(fast.errors) <= 12
+    assert all(full.errors[a] == e for a, e in fast.errors.items())
+    assert fast.alpha == full.alpha and torch.equal(fast.scales, full.scales)
 
 
 def test_importance_changes_the_objective():
@@ -73,8 +104,8 @@ def test_importance_changes_the_objective():
     grid = Grid(2, 32, sym=False)
     r = torch.full((x.shape[0],), 0.01)
     r[:16] = 10.0
-    uniform = awq_scale_search(hessian(x), x.abs().mean(0), [w], grid)
-    weighted = awq_scale_search(hessian(x, r), x.abs().mean(0), [w], grid)
+    uniform = awq_scale_search(hessian(x), x.abs().mean(0), [w], grid, coarse=1)
+    weighted = awq_scale_search(hessian(x, r), x.abs().mean(0), [w], grid, coarse=1)
     assert uniform.errors != weighted.errors
 
 

@@ -25,11 +25,11 @@ CLIP_SHRINKS = tuple(1 - i / 20 for i in range(10))  # 1.0, 0.95, …, 0.55
 
 @dataclass
 class ScaleSearch:
-    """s [C] (the chosen scales), alpha, and the error of every α tried (index 0 is α = 0)."""
+    """s [C] (the chosen scales), alpha, and the error of every α tried ({α: error}; α = 0 always)."""
 
     scales: torch.Tensor
     alpha: float
-    errors: list[float]
+    errors: dict[float, float]
 
 
 def output_error(H: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, rows: int = 4096) -> float:
@@ -57,24 +57,34 @@ def awq_scale_search(
     grid: Grid,
     duo: bool = False,
     n_grid: int = 20,
+    coarse: int = 4,
 ) -> ScaleSearch:
     """Search AWQ scales for Linears ``weights`` ([O_i, C] each) reading inputs with Hessian H [C, C]
-    and mean |x| ``x_absmean`` [C] over all calibration tokens."""
+    and mean |x| ``x_absmean`` [C] over all calibration tokens, over α ∈ {0, 1/n_grid, …}.
+
+    Coarse to fine: every ``coarse``-th α first, then every α between the best one's coarse
+    neighbours (at most ~12 of 20 evaluations for coarse = 4); ``coarse`` = 1 tries the whole grid."""
     H = H.float()
     W = torch.cat([w.float() for w in weights])
     x_mag = x_absmean.float().clamp(min=1e-8)
     w_mag = (W.abs() / W.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)).mean(0).clamp(min=1e-8)
-    best, errors = None, []
-    for i in range(n_grid):
+    tried: dict[int, tuple[float, torch.Tensor]] = {}
+
+    def evaluate(i: int) -> None:
         alpha = i / n_grid
         s = x_mag.pow(alpha) / (w_mag.pow(1 - alpha) if duo and alpha > 0 else 1)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 (geometric mean of extremes)
         W_hat = _round_trip(W * s, grid).div_(s)
-        err = output_error(H, W, W_hat)
-        errors.append(err)
-        if best is None or err < best[0]:
-            best = (err, alpha, s)
-    return ScaleSearch(best[2], best[1], errors)
+        tried[i] = (output_error(H, W, W_hat), s)
+
+    for i in range(0, n_grid, coarse):
+        evaluate(i)
+    best = min(tried, key=lambda i: tried[i][0])
+    for i in range(max(best - coarse + 1, 0), min(best + coarse, n_grid)):
+        if i not in tried:
+            evaluate(i)
+    best = min(sorted(tried), key=lambda i: tried[i][0])  # ties: the smallest α, as a full scan picks
+    return ScaleSearch(tried[best][1], best / n_grid, {i / n_grid: tried[i][0] for i in sorted(tried)})
 
 
 def awq_clip_search(H: torch.Tensor, W: torch.Tensor, grid: Grid) -> torch.Tensor:

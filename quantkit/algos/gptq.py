@@ -19,6 +19,27 @@ class CholeskyError(RuntimeError):
     """H + damping stayed non positive definite after every retry."""
 
 
+def gram(x: torch.Tensor, leaf: int = 192) -> torch.Tensor:
+    """xᵀx [K, K] for x [T, K], computing only the upper triangle: the off-diagonal half of each
+    split by one matmul, mirrored, the diagonal halves split again down to ``leaf`` columns. About
+    half the products of ``x.t() @ x`` for K ≫ leaf, and on CPU the same float32 sums bit for bit
+    (each entry is still one dot product over T)."""
+    out = torch.empty(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+
+    def fill(lo: int, hi: int) -> None:
+        if hi - lo <= leaf:
+            out[lo:hi, lo:hi] = x[:, lo:hi].t() @ x[:, lo:hi]
+            return
+        mid = (lo + hi) // 2
+        out[lo:mid, mid:hi] = x[:, lo:mid].t() @ x[:, mid:hi]
+        out[mid:hi, lo:mid] = out[lo:mid, mid:hi].t()
+        fill(lo, mid)
+        fill(mid, hi)
+
+    fill(0, x.shape[1])
+    return out
+
+
 class Hessian:
     """Running sum Σ_t r_t x_t x_tᵀ [K, K] and token count n; ``value`` = 2·sum / n (float32).
 
@@ -35,7 +56,7 @@ class Hessian:
         x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)
         if importance is not None:
             x = x * importance.reshape(-1, 1).to(x.device, torch.float32).sqrt()
-        self.sum += x.t() @ x
+        self.sum += gram(x)
         self.tokens += x.shape[0]
 
     @property
@@ -94,7 +115,10 @@ def gptq_quantize(
 
     act_order visits columns by decreasing diag(H) with *static groups*: each group's scale and
     zero are fitted on the original weights of its (unpermuted) columns, so the checkpoint needs
-    no g_idx reordering. Memory beyond H: the weights once in float32 and the codes in uint8."""
+    no g_idx reordering. Memory beyond H: the weights once in float32 and the codes in uint8.
+
+    The loop is the paper's, with the same float32 operations in the same order: the codes, scales
+    and zeros are the reference solver's bit for bit (the loss is summed per block, not per column)."""
     W = w.detach().to(torch.float32).clone()
     H = H.to(torch.float32).clone()
     n, k = W.shape
@@ -103,50 +127,56 @@ def gptq_quantize(
     W[:, dead] = 0
     gsize = grid.width(k)
     ngroups = k // gsize
-    scales = torch.zeros(n, ngroups, device=W.device)
-    zeros = torch.zeros(n, ngroups, device=W.device)
+    # per-group scales and zeros as rows [G, N]: the loop reads one group's as a contiguous vector
+    scales = torch.zeros(ngroups, n, device=W.device)
+    zeros = torch.zeros(ngroups, n, device=W.device)
     if act_order:
         for g in range(ngroups):
-            scales[:, g], zeros[:, g] = grid.fit(W[:, g * gsize : (g + 1) * gsize])
+            scales[g], zeros[g] = grid.fit(W[:, g * gsize : (g + 1) * gsize])
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(k, device=W.device)
     # The loop works on Wᵀ [K, N] (permuted) so that each column of W is a contiguous row.
-    Wt = W.t()[perm]
+    Wt = W.t().contiguous()
     device = W.device
     del W
-    H = H[perm][:, perm]
+    if act_order:
+        Wt, H = Wt[perm], H[perm][:, perm]
     Hinv, damp_used = inverse_cholesky(H, damp)
 
-    codes = torch.zeros(k, n, dtype=torch.uint8, device=device)
+    codes = torch.empty(k, n, dtype=torch.uint8, device=device)
     losses = torch.zeros(n, device=device)
+    update = torch.empty(block_size, n, device=device)  # one buffer for every rank-1 update
     order = perm.tolist()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = Wt[i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2]  # updated in place: these rows are read only until quantized
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         with _one_thread_on_cpu(device):
             for i in range(i2 - i1):
                 col = order[i1 + i]
                 g = col // gsize
                 if not act_order and col % gsize == 0:
-                    upcoming = torch.cat([W1[i:], Wt[i2:]])[:gsize]
-                    scales[:, g], zeros[:, g] = grid.fit(upcoming.t())
-                w, d = W1[i], Hinv1[i, i]
-                q = grid.quantize(w[:, None], scales[:, g], zeros[:, g])[:, 0]
-                dq = scales[:, g] * (q - zeros[:, g])
+                    upcoming = W1[i : i + gsize]
+                    if upcoming.shape[0] < gsize:  # the group runs past this outer block
+                        upcoming = torch.cat([upcoming, Wt[i2 : i2 + gsize - upcoming.shape[0]]])
+                    scales[g], zeros[g] = grid.fit(upcoming.t().contiguous())  # rows contiguous: fast min/max
+                w, s, z = W1[i], scales[g], zeros[g]
+                q = grid.quantize(w[:, None], s, z)[:, 0]
                 codes[i1 + i] = q
-                err = (w - dq) / d
-                losses += err.square() / 2
-                W1[i:] -= Hinv1[i, i:, None] * err[None, :]
-                Err1[i] = err
+                err = torch.sub(w, q.sub_(z).mul_(s), out=Err1[i]).div_(Hinv1[i, i])  # (w − dq) / d
+                rest = update[: i2 - i1 - i - 1]
+                W1[i + 1 :] -= torch.mul(Hinv1[i, i + 1 :, None], err[None, :], out=rest)
+            losses += Err1.square().sum(0)
         Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
 
-    inverse = torch.argsort(perm)
+    if act_order:
+        codes = codes[torch.argsort(perm)]
     g_idx = (torch.arange(k, device=device) // gsize).int()
-    loss = losses.sum().item()
+    loss = losses.sum().item() / 2
     if not math.isfinite(loss):
         raise CholeskyError("GPTQ produced non-finite weights")
-    weight = QuantizedWeight(codes[inverse].t().contiguous(), scales, zeros, g_idx, grid.bits, gsize)
+    weight = QuantizedWeight(codes.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous(), g_idx,
+                             grid.bits, gsize)
     return GPTQResult(weight, loss, damp_used)
