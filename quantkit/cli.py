@@ -263,7 +263,10 @@ def inspect(export_dir: Path, as_json: bool) -> None:
         table.add_row("calibration", f"{c['source']}: {c['tokens']} tokens of {c['text_tokens']}, sha256 {c['sha256'][:16]}…")
     for k, v in {**info["timings"], **info["metrics"]}.items():
         table.add_row(k.replace("_", " "), str(v))
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # piped: no terminal width to fit, keep every row on one line
+        console = Console(highlight=False, width=200)
+    console.print(table)
 
 
 @cli.command(name="prepare-model")
