@@ -133,7 +133,7 @@ def _jsonl_text(path: Path, decoded: str) -> str:
 
 
 def _load_named(name: str, purpose: str) -> str:
-    repo, config, data_file, split = NAMED_SETS[name][purpose]
+    repo, config, data_file, split = HUB_SETS[name][purpose]
     try:
         import datasets
     except ImportError:
