@@ -61,7 +61,7 @@ class LayerProgress:
 
     def _print(self, layer: int, text: str) -> None:
         if self.enabled:
-            self.progress.console.print(f"layer {layer + 1}/{self.total}  {text}")
+            self.progress.console.print(f"layer {layer + 1:>{len(str(self.total))}}/{self.total}  {text}")
 
     def stage(self, layer: int, what: str) -> None:
         self.progress.update(self.task, description=f"layer {layer + 1}/{self.total} · {what}")
