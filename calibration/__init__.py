@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantkit.calibration.offline import OFFLINE_SETS, clean, offline_path
 from quantkit.errors import QuantkitError
+
+if TYPE_CHECKING:  # torch is imported where tokens are made, so that reading text needs none
+    import torch
 
 HUB_SETS = {
     "wikitext2": {

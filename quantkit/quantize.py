@@ -16,7 +16,7 @@ from torch import nn
 from quantkit.calibration import circular_shifts, load_text, random_windows, read_chats, render_chats, tokenize
 from quantkit.errors import QuantkitError
 from quantkit.export import Exporter, manifest
-from quantkit.export.card import add_metrics, recipe_label
+from quantkit.export.card import add_metrics, recipe_label, recipe_steps
 from quantkit.checkpoint import WeightSource
 from quantkit.distributed import World, init_world
 from quantkit.export.writer import finalize_output, prepare_output, temporary_dir
@@ -244,23 +244,6 @@ def run(
     if show_progress:
         log(summary(result))
     return result
-
-
-def recipe_steps(recipe: Recipe) -> list[str]:
-    """What runs on each decoder layer, in order, as the progress header names it."""
-    from quantkit.export.card import IMPORTANCE_NAMES
-
-    steps = ["Hadamard rotation (R1, R2)"] if recipe.rotate else []
-    if recipe.needs_calibration and recipe.importance != "uniform":
-        steps.append(f"{IMPORTANCE_NAMES[recipe.importance]} token importance "
-                     f"[{recipe.importance_min:g}, {recipe.importance_max:g}]")
-    if recipe.awq:
-        steps.append("AWQ scales" + " + duo" * recipe.awq_duo + " + clip" * recipe.awq_clip)
-    if recipe.method == "gptq":
-        steps.append(f"GPTQ ({'act-order, ' if recipe.act_order else ''}damp {recipe.damp:g})")
-    else:
-        steps.append("RTN")
-    return steps + [f"export {recipe.export_format}"]
 
 
 def measure(source: str, out: Path, tokenizer, evaluation: Evaluation, device: torch.device, show_progress: bool,

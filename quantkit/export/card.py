@@ -45,6 +45,21 @@ def recipe_label(recipe: Recipe) -> str:
     return ", ".join(parts)
 
 
+def recipe_steps(recipe: Recipe) -> list[str]:
+    """What runs on each decoder layer, in order, as the progress header names it."""
+    steps = ["Hadamard rotation (R1, R2)"] if recipe.rotate else []
+    if recipe.needs_calibration and recipe.importance != "uniform":
+        steps.append(f"{IMPORTANCE_NAMES[recipe.importance]} token importance "
+                     f"[{recipe.importance_min:g}, {recipe.importance_max:g}]")
+    if recipe.awq:
+        steps.append("AWQ scales" + " + duo" * recipe.awq_duo + " + clip" * recipe.awq_clip)
+    if recipe.method == "gptq":
+        steps.append(f"GPTQ ({'act-order, ' if recipe.act_order else ''}damp {recipe.damp:g})")
+    else:
+        steps.append("RTN")
+    return steps + [f"export {recipe.export_format}"]
+
+
 def used_settings(recipe: Recipe) -> dict:
     """The recipe fields that took part in this recipe (RTN has no damping, calibration or act-order)."""
     r = recipe.to_dict()
