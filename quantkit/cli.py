@@ -262,7 +262,8 @@ def inspect(export_dir: Path, as_json: bool) -> None:
         c = info["calibration"]
         table.add_row("calibration", f"{c['source']}: {c['tokens']} tokens of {c['text_tokens']}, sha256 {c['sha256'][:16]}…")
     for k, v in {**info["timings"], **info["metrics"]}.items():
-        table.add_row(k.replace("_", " "), str(v))
+        shown = f"{v / 2**20:.0f} MiB" if k.endswith("_bytes") else str(v)
+        table.add_row(k.removesuffix("_bytes").replace("_", " "), shown)
     console = Console(highlight=False)
     if not console.is_terminal:  # piped: no terminal width to fit, keep every row on one line
         console = Console(highlight=False, width=200)
