@@ -138,9 +138,13 @@ def resolve_recipe(model: str, recipe_file: Path | None, preset: str | None, fmt
                    chat_template: bool | None, flags: dict, trust_remote_code: bool) -> tuple[Recipe, str | None, bool]:
     """(recipe, calibration source, chat template) from a recipe file < preset < explicit flags, checked
     against the model's config.json and the calibration source before torch or the model loads."""
+    import os
+
     from quantkit import preflight
     from quantkit.progress import log
 
+    if os.environ.get("RANK", "0") != "0":  # a torchrun helper process: rank 0 says what was chosen
+        log = lambda _message: None  # noqa: E731
     values = preflight.read_recipe_file(recipe_file) if recipe_file else {}
     file_calibration, file_chat_template = values.pop("calibration", None), values.pop("chat_template", False)
     calibration = calibration or file_calibration
