@@ -143,8 +143,7 @@ def resolve_recipe(model: str, recipe_file: Path | None, preset: str | None, fmt
     from quantkit import preflight
     from quantkit.progress import log
 
-    if os.environ.get("RANK", "0") != "0":  # a torchrun helper process: rank 0 says what was chosen
-        log = lambda _message: None  # noqa: E731
+    say = log if os.environ.get("RANK", "0") == "0" else (lambda _message: None)  # torchrun: rank 0 speaks
     values = preflight.read_recipe_file(recipe_file) if recipe_file else {}
     file_calibration, file_chat_template = values.pop("calibration", None), values.pop("chat_template", False)
     calibration = calibration or file_calibration
@@ -165,7 +164,7 @@ def resolve_recipe(model: str, recipe_file: Path | None, preset: str | None, fmt
         if chosen is not None:
             values["group_size"] = chosen
             sizes = ", ".join(str(f) for f in sorted(set(features.values())))
-            log(f"--group-size not given: using {chosen}, the largest of 128/64/32 that divides every quantized "
+            say(f"--group-size not given: using {chosen}, the largest of 128/64/32 that divides every quantized "
                 f"layer's in-features ({sizes})")
     recipe = Recipe.from_dict(values)
     if features:
@@ -173,7 +172,7 @@ def resolve_recipe(model: str, recipe_file: Path | None, preset: str | None, fmt
     if recipe.needs_calibration:
         if calibration is None:
             calibration = "c4"
-            log("no --calibration given: calibrating on the offline set 'c4' (C4 web text, see calibration/README.md)")
+            say("no --calibration given: calibrating on the offline set 'c4' (C4 web text, see calibration/README.md)")
         preflight.check_calibration(calibration, recipe.seqlen, chat_template)
     return recipe, calibration, chat_template
 
