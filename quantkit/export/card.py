@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from quantkit.calibration import NAMED_SETS
 from quantkit.recipe import Recipe
 
 MODEL = "path/to/this-model"  # placeholder in the snippets: the export folder or its Hub repo id
@@ -27,11 +28,71 @@ def _is_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
 
 
-def _front_matter(recipe: Recipe, source: str) -> list[str]:
+def base_model(manifest: dict, source: str) -> str | None:
+    """The hub id the export derives from: the source when it is one, else the manifest's ``base_model``."""
+    return source if _is_hub_id(source) else manifest.get("base_model")
+
+
+def recipe_label(recipe: Recipe) -> str:
+    """The recipe in one line, every choice that changes the weights: 'GPTQ + AWQ, attention-concentration
+    importance [0.005, 1], W4 g64 sym'."""
+    method = recipe.method.upper() + (" + AWQ" if recipe.awq else "") + (" + Hadamard rotation" if recipe.rotate else "")
+    parts = [method]
+    if recipe.needs_calibration and recipe.importance != "uniform":
+        parts.append(f"{IMPORTANCE_NAMES[recipe.importance]} importance [{recipe.importance_min:g}, {recipe.importance_max:g}]")
+    group = "per-channel" if recipe.group_size == -1 else f"g{recipe.group_size}"
+    parts.append(f"W{recipe.bits} {group} {'sym' if recipe.sym else 'asym'}")
+    return ", ".join(parts)
+
+
+def recipe_steps(recipe: Recipe) -> list[str]:
+    """What runs on each decoder layer, in order, as the progress header names it."""
+    steps = ["Hadamard rotation (R1, R2)"] if recipe.rotate else []
+    if recipe.needs_calibration and recipe.importance != "uniform":
+        steps.append(f"{IMPORTANCE_NAMES[recipe.importance]} token importance "
+                     f"[{recipe.importance_min:g}, {recipe.importance_max:g}]")
+    if recipe.awq:
+        steps.append("AWQ scales" + " + duo" * recipe.awq_duo + " + clip" * recipe.awq_clip)
+    if recipe.method == "gptq":
+        steps.append(f"GPTQ ({'act-order, ' if recipe.act_order else ''}damp {recipe.damp:g})")
+    else:
+        steps.append("RTN")
+    return steps + [f"export {recipe.export_format}"]
+
+
+def used_settings(recipe: Recipe) -> dict:
+    """The recipe fields that took part in this recipe (RTN has no damping, calibration or act-order)."""
+    r = recipe.to_dict()
+    keys = ["bits", "group_size", "sym", "method"]
+    if recipe.method == "gptq":
+        keys += ["damp", "block_size", "act_order"]
+    if recipe.needs_calibration:
+        keys += ["nsamples", "seqlen", "seed", "expand", "importance"]
+        if recipe.importance != "uniform":
+            keys += ["importance_min", "importance_max"]
+    if recipe.rotate:
+        keys += ["rotate", "rotation_seed"]
+    if recipe.awq:
+        keys += ["awq", "awq_duo", "awq_clip"]
+    return {**{k: r[k] for k in keys}, "format": recipe.export_format}
+
+
+def add_metrics(folder: Path, recipe: Recipe, metrics: dict) -> dict:
+    """Record measured ``metrics`` in an export's quantkit.json and model card; returns the manifest."""
+    manifest = json.loads((folder / "quantkit.json").read_text())
+    manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "quantkit.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(config, recipe, manifest))
+    return manifest
+
+
+def _front_matter(recipe: Recipe, source: str, manifest: dict) -> list[str]:
     fmt = recipe.export_format
     lines = ["---"]
-    if _is_hub_id(source):
-        lines += [f"base_model: {source}", "base_model_relation: quantized"]
+    hub_id = base_model(manifest, source)
+    if hub_id:
+        lines += [f"base_model: {hub_id}", "base_model_relation: quantized"]
     lines += ["library_name: transformers", "tags:"]
     lines += [f"  - {tag}" for tag in ("quantized", fmt, "quantkit", f"{recipe.bits}-bit")]
     return lines + ["---"]
@@ -50,24 +111,36 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
     ``manifest`` its quantkit.json (source_model, optional metrics and verified_with)."""
     fmt = recipe.export_format
     source = manifest.get("source_model") or config.get("_name_or_path", "")
+    name = base_model(manifest, source) or Path(source).name or "Model"  # never an absolute local path
     packages, package_note = EXTRA_PACKAGES[fmt]
-    scheme = f"{recipe.bits}-bit, group size {recipe.group_size}, {'symmetric' if recipe.sym else 'asymmetric'}"
+    group = "per output channel" if recipe.group_size == -1 else f"group size {recipe.group_size}"
+    scheme = f"{recipe.bits}-bit, {group}, {'symmetric' if recipe.sym else 'asymmetric'}"
     if recipe.needs_calibration and recipe.importance != "uniform":
         scheme += f", {IMPORTANCE_NAMES[recipe.importance]} token importance"
-    lines = _front_matter(recipe, source) + [
+    lines = _front_matter(recipe, source, manifest) + [
         "",
-        f"# {Path(source).name or 'Model'} — {recipe.bits}-bit {fmt}",
+        f"# {name.split('/')[-1]} — {recipe.bits}-bit {fmt}",
         "",
-        f"`{source}` quantized by quantkit {manifest.get('quantkit_version', '')} with {recipe.method.upper()}"
+        f"`{name}` quantized by quantkit {manifest.get('quantkit_version', '')} with {recipe.method.upper()}"
         f"{' + AWQ' if recipe.awq else ''} ({scheme}{', Hadamard-rotated' if recipe.rotate else ''}), stored in the **{fmt}** format "
         f"(`quant_method: {config.get('quantization_config', {}).get('quant_method', fmt)}` in config.json).",
         "",
         "## Recipe",
         "",
-        *_table(recipe.to_dict()),
+        *_table(used_settings(recipe)),
     ]
-    if manifest.get("metrics"):
-        lines += ["", "## Measured quality", "", *_table(manifest["metrics"])]
+    calibration = manifest.get("calibration")
+    if calibration:
+        source_name = calibration["source"] if calibration["source"] in NAMED_SETS else Path(calibration["source"]).name
+        lines += ["", f"Calibrated on `{source_name}`{' (chat template)' if calibration.get('chat_template') else ''}: "
+                      f"{calibration['tokens']} tokens in windows drawn from {calibration['text_tokens']} tokens of text "
+                      f"(windows SHA-256 `{calibration['sha256'][:16]}…`)."]
+    metrics = manifest.get("metrics")
+    if metrics:
+        lines += ["", "## Measured quality", "", *_table(metrics)]
+    dataset = (metrics or {}).get("eval_dataset", "wiki")
+    dataset = dataset if dataset in NAMED_SETS else Path(dataset).name
+    seqlen = (metrics or {}).get("eval_seqlen", 2048)
     lines += [
         "",
         "## Use",
@@ -101,6 +174,12 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
         f'tokenizer = AutoTokenizer.from_pretrained("{MODEL}")',
         'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)',
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
+        "```",
+        "",
+        "Measure its perplexity with quantkit (`wiki`, `c4`, ... are named text sets; any UTF-8 file works):",
+        "",
+        "```bash",
+        f"quantkit eval {MODEL} --dataset {dataset} --seqlen {seqlen}",
         "```",
     ]
     if fmt == "gptq" and not recipe.sym:

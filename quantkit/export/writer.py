@@ -288,20 +288,25 @@ class ExportFolder:
         self.lock_path = self.tmp.with_name(self.tmp.name[: -len(".partial")] + ".lock")
         self._lock: int | None = None
 
-    def check(self, force: bool, resume: bool) -> None:
-        """What can be checked before any work: the rule, and that there is something to resume."""
+    def check(self, force: bool, resume: bool, restart: bool = False) -> None:
+        """What can be checked before any work: the rule, and that a saved partial run is resumed
+        (``resume``) or discarded (``restart``) only when asked."""
         check_output(self.output, self.source, force)
         if self.tmp.is_symlink() or (self.tmp.exists() and not self.tmp.is_dir()):
             raise QuantkitError(f"'{self.tmp}' is not quantkit's temporary folder (a link or a file): remove it and retry")
-        if resume and ResumeState.load(self.tmp) is None:
+        saved = ResumeState.load(self.tmp)
+        if resume and saved is None:
             raise QuantkitError(f"nothing to resume: {self.tmp} holds no interrupted run of '{self.output}'")
+        if saved is not None and not resume and not restart:
+            raise QuantkitError(f"'{self.tmp}' holds an interrupted run of '{self.output}' ({saved.layers_done} layers "
+                                "done): pass --resume to continue it or --restart to discard it")
 
-    def open(self, force: bool, resume: bool) -> ResumeState | None:
+    def open(self, force: bool, resume: bool, restart: bool = False) -> ResumeState | None:
         """Lock, re-check, and create the temporary folder exclusively (or, with ``resume``, keep
         the trusted files of the interrupted run); returns the interrupted run's state, if resumed."""
         self._acquire()
         try:
-            self.check(force, resume)
+            self.check(force, resume, restart)
             if resume:
                 state = ResumeState.load(self.tmp)
                 state.trust_only_listed()
