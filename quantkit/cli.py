@@ -274,16 +274,21 @@ def inspect(export_dir: Path, as_json: bool) -> None:
     row("format", f"{qc.get('quant_method')} ({qc.get('checkpoint_format') or qc.get('format', '')})")
     row("bits / group", f"{qc.get('bits', '-')} / {qc.get('group_size', '-')}")
     if info["recipe"]:
-        recipe = Recipe.from_dict(info["recipe"])
-        row("recipe", recipe_label(recipe))
-        row("settings", ", ".join(f"{k}={v}" for k, v in used_settings(recipe).items()))
+        try:
+            recipe = Recipe.from_dict(info["recipe"])
+        except QuantkitError as e:  # show what the manifest holds, and that it is no recipe quantkit can run
+            row("recipe", f"(not a valid recipe: {e})")
+            row("settings", ", ".join(f"{k}={v}" for k, v in info["recipe"].items()))
+        else:
+            row("recipe", recipe_label(recipe))
+            row("settings", ", ".join(f"{k}={v}" for k, v in used_settings(recipe).items()))
     ratio = f" ({size / info['source_bytes']:.1%} of {info['source_bytes'] / 2**20:.1f} MiB)" if info["source_bytes"] else ""
     row("size", f"{size / 2**20:.1f} MiB{ratio}")
     if info["calibration"]:
         c = info["calibration"]
         row("calibration", f"{c['source']}: {c['tokens']} tokens of {c['text_tokens']}, sha256 {c['sha256'][:16]}…")
     for k, v in {**info["timings"], **info["metrics"]}.items():
-        shown = f"{v / 2**20:.0f} MiB" if k.endswith("_bytes") else str(v)
+        shown = f"{v / 2**20:.0f} MiB" if k.endswith("_bytes") and isinstance(v, (int, float)) else str(v)
         row(k.removesuffix("_bytes").replace("_", " "), shown)
     console = Console(highlight=False)
     if not console.is_terminal:  # piped: no terminal width to fit, keep every row on one line

@@ -7,7 +7,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, read_json
 from quantkit.recipe import Recipe
 
 GROUP_SIZES = (128, 64, 32)  # the default group size is the largest of these that fits every Linear
@@ -58,10 +58,7 @@ def local_config(source: str) -> dict | None:
     path = Path(source) / "config.json"
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise QuantkitError(f"'{path}' is not valid JSON: the model folder is damaged") from None
+    return read_json(path, "the model config", "the model folder is damaged: restore config.json")
 
 
 def in_features(config: dict) -> dict[str, int] | None:

@@ -151,7 +151,7 @@ def test_partial_run_needs_resume_or_restart(tiny_llama, tmp_path):
     partial = tmp_path / ".q.partial"
     partial.mkdir()
     (partial / "resume.json").write_text(json.dumps({"recipe": {}, "source": str(tiny_llama), "tokens_sha256": "",
-                                                     "layers_done": 1}))
+                                                     "layers_done": 1, "files": {"part-00000.safetensors": {"size": 1, "sha256": ""}}}))
     r = invoke("quantize", tiny_llama, out, "--method", "rtn")
     assert r.exit_code == 1
     line = r.stderr.strip().splitlines()[-1]

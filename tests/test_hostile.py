@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make_text, make_tiny_model
 from quantkit.cli import cli
 
-LOG_PREFIXES = ("quantizing ", "--format auto chose", "warning:", "resuming after")
+LOG_PREFIXES = ("quantizing ", "steps per layer", "calibration:", "--format auto chose", "warning:", "resuming after")
 RTN = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--quiet"]
 GPTQ = ["--nsamples", "2", "--seqlen", "32", "--group-size", "32", "--quiet"]
 
@@ -405,7 +405,7 @@ def safetensors_header_lies(env):
     return ["eval", env.model, "--dataset", env.calib]
 
 
-@case("cannot read the model config")
+@case("the model config")
 def config_not_json(env):
     (env.model / "config.json").write_text("{oops")
     return ["quantize", env.model, env.root / "out", *RTN]

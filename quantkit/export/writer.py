@@ -223,7 +223,7 @@ class ResumeState:
         path = folder / RESUME
         if not path.is_file() or path.is_symlink():
             return None
-        fix = "drop --resume to start over"
+        fix = "pass --restart to discard it and start over"
         data = read_json(path, "the resume state", fix)
         types = {"recipe": (dict, "an object"), "source": (str, "a string"), "tokens_sha256": (str, "a string"),
                  "layers_done": (int, "an integer"), "files": (dict, "an object")}
@@ -249,10 +249,10 @@ class ResumeState:
             changed = sorted(k for k, v in recipe.items() if self.recipe.get(k) != v)
             raise QuantkitError(
                 f"--resume with a different recipe ({', '.join(changed)} changed): rerun with the interrupted run's "
-                "flags, or drop --resume to start over"
+                "flags, or pass --restart instead to start over"
             )
         if self.source != source or self.tokens_sha256 != tokens_sha256:
-            raise QuantkitError("--resume with a different model or calibration text: use the interrupted run's, or drop --resume")
+            raise QuantkitError("--resume with a different model or calibration text: use the interrupted run's, or pass --restart instead")
 
     def record(self, path: Path) -> None:
         """Trust ``path`` (just written into the folder) on resume: keep its size and checksum."""
@@ -275,7 +275,7 @@ class ResumeState:
                 ok = False
             if not ok:
                 raise QuantkitError(f"{path} is missing or changed since it was written: the interrupted run cannot be "
-                                    "trusted; drop --resume to start over")
+                                    "trusted; pass --restart instead to start over")
 
 
 class ExportFolder:
@@ -294,7 +294,7 @@ class ExportFolder:
         check_output(self.output, self.source, force)
         if self.tmp.is_symlink() or (self.tmp.exists() and not self.tmp.is_dir()):
             raise QuantkitError(f"'{self.tmp}' is not quantkit's temporary folder (a link or a file): remove it and retry")
-        saved = ResumeState.load(self.tmp)
+        saved = None if restart else ResumeState.load(self.tmp)  # with --restart whatever is there is discarded
         if resume and saved is None:
             raise QuantkitError(f"nothing to resume: {self.tmp} holds no interrupted run of '{self.output}'")
         if saved is not None and not resume and not restart:
