@@ -85,10 +85,10 @@ def quantization_config(recipe: Recipe) -> dict:
         "group_size": recipe.group_size,
         "desc_act": False,
         "sym": recipe.sym,
-        "static_groups": recipe.act_order,
         "true_sequential": True,
         "damp_percent": recipe.damp,
         "checkpoint_format": "gptq",
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"quantkit:{__version__}"], "act_order": recipe.act_order},
+        # static_groups where GPTQModel keeps it (meta): no loader reads a top-level one.
+        "meta": {"quantizer": [f"quantkit:{__version__}"], "act_order": recipe.act_order, "static_groups": recipe.act_order},
     }
