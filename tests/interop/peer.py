@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
+import importlib.util
 import json
 import shutil
 import sys
@@ -80,7 +81,9 @@ def logits(job: dict) -> dict:
             qc = AutoConfig.from_pretrained(job["path"]).quantization_config
             config_class = AwqConfig if qc["quant_method"] == "awq" else GPTQConfig
             kwargs["quantization_config"] = config_class.from_dict({**qc, "backend": job["backend"]})
-        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=dtype, device_map="cpu", **kwargs)
+        if importlib.util.find_spec("accelerate"):  # device_map needs it (the vllm venv has none; CPU is the default)
+            kwargs["device_map"] = "cpu"
+        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=dtype, **kwargs)
     ids = load_file(job["inputs"])["input_ids"]
     tensors = {"logits": model(input_ids=ids).logits.float().contiguous()}
     linears = decoder_linears(model)
