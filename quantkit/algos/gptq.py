@@ -89,12 +89,14 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    clip_search: bool = False,
 ) -> GPTQResult:
     """Quantize w [N, K] minimising tr((W − Q) H (W − Q)ᵀ) for H [K, K].
 
     act_order visits columns by decreasing diag(H) with *static groups*: each group's scale and
     zero are fitted on the original weights of its (unpermuted) columns, so the checkpoint needs
-    no g_idx reordering. Memory beyond H: the weights once in float32 and the codes in uint8."""
+    no g_idx reordering. ``clip_search``: each group's range from ``Grid.search`` (MSE) when it is
+    fitted. Memory beyond H: the weights once in float32 and the codes in uint8."""
     W = w.detach().to(torch.float32).clone()
     H = H.to(torch.float32).clone()
     n, k = W.shape
@@ -103,11 +105,12 @@ def gptq_quantize(
     W[:, dead] = 0
     gsize = grid.width(k)
     ngroups = k // gsize
+    fit = grid.search if clip_search else grid.fit
     scales = torch.zeros(n, ngroups, device=W.device)
     zeros = torch.zeros(n, ngroups, device=W.device)
     if act_order:
         for g in range(ngroups):
-            scales[:, g], zeros[:, g] = grid.fit(W[:, g * gsize : (g + 1) * gsize])
+            scales[:, g], zeros[:, g] = fit(W[:, g * gsize : (g + 1) * gsize])
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(k, device=W.device)
@@ -132,7 +135,7 @@ def gptq_quantize(
                 g = col // gsize
                 if not act_order and col % gsize == 0:
                     upcoming = torch.cat([W1[i:], Wt[i2:]])[:gsize]
-                    scales[:, g], zeros[:, g] = grid.fit(upcoming.t())
+                    scales[:, g], zeros[:, g] = fit(upcoming.t())
                 w, d = W1[i], Hinv1[i, i]
                 q = grid.quantize(w[:, None], scales[:, g], zeros[:, g])[:, 0]
                 dq = scales[:, g] * (q - zeros[:, g])
