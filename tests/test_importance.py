@@ -147,3 +147,14 @@ def test_recipe_resolves_and_checks_the_mapping():
     assert (paper.bits, paper.group_size, paper.sym, paper.act_order, paper.rotate) == (3, -1, True, False, True)
     assert (paper.clip_search, paper.importance, paper.importance_map, paper.seqlen, paper.awq) == (
         True, "attncon", "length-invariant", 4096, False)
+
+
+def test_model_card_names_the_mapping():
+    from quantkit.export.card import model_card
+
+    def card(**kw):
+        return model_card({"quantization_config": {}}, Recipe(bits=3, format="compressed-tensors", **kw), {})
+
+    assert "attention-concentration token importance (length-invariant floor 0.04 at 512-token windows, 0.005 at 4096)" in card()
+    assert "attention-concentration token importance (fixed range [0.005, 1])" in card(importance_map="fixed")
+    assert "activation-norm token importance (fixed range [0.005, 1])" in card(importance="actnorm")
