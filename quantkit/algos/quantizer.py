@@ -55,7 +55,8 @@ class Grid:
     def search(self, w: torch.Tensor, steps: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
         """``fit`` with each row's range shrunk by the p ∈ {1, 1 − 1/steps, …} (max_shrink·steps candidates,
         down to 0.21) that minimises Σ |w − Q(w)|^norm over the row: ([N], [N]). The MSE grid search of
-        the reference GPTQ quantizer (IST-DASLab/gptq quant.py, mse=True) that RSQ's --w_clip runs."""
+        the reference GPTQ quantizer (IST-DASLab/gptq quant.py, mse=True) that RSQ's --w_clip runs, on the
+        scales and zeros ``fit`` gives (fp16 scales as stored, zeros clamped to the grid)."""
         def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
             return (self.fake_quantize(w, scale, zero) - w).abs_().pow_(norm).sum(1)
 
