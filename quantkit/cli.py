@@ -13,7 +13,7 @@ import click
 
 from quantkit.calibration import check_source
 from quantkit.errors import QuantkitError, error_line, escape, read_json
-from quantkit.recipe import FORMATS, IMPORTANCE, METHODS, PRESETS, Recipe
+from quantkit.recipe import FORMATS, IMPORTANCE, IMPORTANCE_MAPS, METHODS, PRESETS, Recipe
 
 
 class _Group(click.Group):
@@ -62,10 +62,15 @@ DEMO_EVAL_TOKENS = 8192
 @click.option("--importance", type=click.Choice(IMPORTANCE), help="Token importance weighting the Hessian.  [default: attncon with gptq, uniform with rtn]")
 @click.option("--importance-min", type=float, help="Lowest mapped importance.  [default: 0.005]")
 @click.option("--importance-max", type=float, help="Highest mapped importance.  [default: 1.0]")
+@click.option("--importance-map", type=click.Choice(IMPORTANCE_MAPS),
+              help="length-invariant: --importance-min is the floor at 4096-token windows, scaled by 4096/seqlen; "
+                   "fixed: the authors' range at every length.  [default: length-invariant with attncon]")
 @click.option("--expand", type=int, help="Dataset expansion: circularly shifted copies per sample.  [default: 1]")
 @click.option("--awq/--no-awq", default=None, help="AWQ salient-channel scales before rounding.  [default: on with gptq, off with rtn]")
 @click.option("--awq-duo/--no-awq-duo", default=None, help="AWQ scales also divided by mean|w|^(1-α).")
 @click.option("--awq-clip/--no-awq-clip", default=None, help="AWQ weight-range clip search.")
+@click.option("--clip-search/--no-clip-search", default=None,
+              help="MSE search of each group's range (shrink 1 → 0.21 in 0.01 steps, |error|^2.4), RTN and GPTQ.  [default: off]")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Export format.  [default: auto]")
 @click.option("--calibration", help="Calibration text: .txt/.jsonl/.parquet file or a named set (c4, wiki, code, "
               "multilingual, technical, tiny; hub: wikitext2, c4-hub).  [default: c4]")

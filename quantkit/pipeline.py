@@ -21,7 +21,13 @@ from transformers import AttentionInterface
 from quantkit.algos.awq import apply_clip, awq_clip_search, awq_scale_search
 from quantkit.algos.gptq import CholeskyError, Hessian, gptq_quantize
 from quantkit.algos.hadamard import random_orthogonal
-from quantkit.algos.importance import activation_norm, attention_concentration, first_last, map_importance
+from quantkit.algos.importance import (
+    REFERENCE_LENGTH,
+    activation_norm,
+    attention_concentration,
+    first_last,
+    map_importance,
+)
 from quantkit.algos.quantizer import QuantizedWeight, rtn_quantize
 from quantkit.checkpoint import WeightSource
 from quantkit.distributed import World
@@ -247,7 +253,8 @@ def token_importance(layer: nn.Module, inputs: LayerInputs, recipe: Recipe) -> l
             raw.append(activation_norm(x))
         else:
             raw.append(first_last(x.shape[1]).expand(x.shape[0], -1))
-    return [map_importance(r, recipe.importance_min, recipe.importance_max).to(inputs.device) for r in raw]
+    reference = REFERENCE_LENGTH if recipe.importance_map == "length-invariant" else None
+    return [map_importance(r, recipe.importance_min, recipe.importance_max, reference).to(inputs.device) for r in raw]
 
 
 @torch.no_grad()
@@ -480,13 +487,14 @@ def _stacks(owners: dict[str, str]) -> list[list[str]]:
 def _quantize_weight(weight: torch.Tensor, hessian: Hessian | None, recipe: Recipe, grid, where: str):
     """weight [N, K] (one Linear or a stack) → (QuantizedWeight, GPTQ loss or None for RTN)."""
     if hessian is None:
-        return rtn_quantize(weight, grid), None
+        return rtn_quantize(weight, grid, recipe.clip_search), None
     H = hessian.value
     if not torch.isfinite(H).all():
         raise QuantkitError(f"NaN or Inf in the activations entering {where}")
     try:
         result = gptq_quantize(
-            weight, H, grid, block_size=recipe.block_size, damp=recipe.damp, act_order=recipe.act_order
+            weight, H, grid, block_size=recipe.block_size, damp=recipe.damp, act_order=recipe.act_order,
+            clip_search=recipe.clip_search,
         )
     except CholeskyError as e:
         raise QuantkitError(f"GPTQ failed on {where}: {e}; retry with a larger --damp (e.g. 0.1)") from None

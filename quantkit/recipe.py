@@ -14,6 +14,7 @@ BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq")
 FORMATS = ("auto", "gptq", "compressed-tensors", "awq")
 IMPORTANCE = ("uniform", "attncon", "actnorm", "first-last")
+IMPORTANCE_MAPS = ("length-invariant", "fixed")  # floor scaled by 4096/seqlen, or the authors' fixed [min, max]
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,20 @@ class Recipe:
     importance: str | None = None  # None: attncon with GPTQ (it weights the Hessian), uniform with RTN
     importance_min: float = 0.005
     importance_max: float = 1.0
+    importance_map: str | None = None  # None: length-invariant with attncon, fixed with the others
     expand: int = 1
     awq: bool | None = None  # None: on with GPTQ, off with RTN (which then needs no calibration)
     awq_duo: bool = False
     awq_clip: bool = False
+    clip_search: bool = False  # MSE search of each group's range when its grid is fitted (RTN and GPTQ)
 
     def __post_init__(self) -> None:
         if self.awq is None:
             object.__setattr__(self, "awq", self.method == "gptq")
         if self.importance is None:
             object.__setattr__(self, "importance", "attncon" if self.method == "gptq" else "uniform")
+        if self.importance_map is None:
+            object.__setattr__(self, "importance_map", "length-invariant" if self.importance == "attncon" else "fixed")
         if self.bits not in BITS:
             raise QuantkitError(f"--bits {self.bits} is not supported: choose one of {', '.join(map(str, BITS))}")
         if self.group_size != -1 and self.group_size < 1:
@@ -54,6 +59,11 @@ class Recipe:
             raise QuantkitError(f"--format {self.format}: choose one of {', '.join(FORMATS)}")
         if self.importance not in IMPORTANCE:
             raise QuantkitError(f"--importance {self.importance}: choose one of {', '.join(IMPORTANCE)}")
+        if self.importance_map not in IMPORTANCE_MAPS:
+            raise QuantkitError(f"--importance-map {self.importance_map}: choose one of {', '.join(IMPORTANCE_MAPS)}")
+        if self.importance_map == "length-invariant" and self.importance != "attncon":
+            raise QuantkitError(f"--importance-map length-invariant is for --importance attncon (attention shares), "
+                                f"not {self.importance}: use --importance-map fixed")
         if not 0 < self.damp < 10:
             raise QuantkitError(f"--damp {self.damp}: use a fraction of the mean Hessian diagonal, e.g. 0.01")
         if self.nsamples < 1 or self.seqlen < 2:
@@ -119,4 +129,11 @@ class Recipe:
 PRESETS = {
     "gptq": {"method": "gptq", "rotate": False, "importance": "uniform", "awq": False},
     "rsq": {"method": "gptq", "rotate": True, "importance": "attncon", "awq": False},
+    # RSQ's released run (ylsung/rsq scripts/run_rsq.sh: Llama-3-8B, --rotate --w_bits 3 --w_clip, per-channel
+    # symmetric, no act-order, attncon in [0.005, 1], 256 × 4096 windows) adapted to a small model: 32 × 4096
+    # windows give ~85 calibration tokens per MLP channel (1536), as 256 × 4096 give Llama-3-8B's 14336 (~73).
+    # Deviations: R1/R2 fused into the weights, no online R4 Hadamard before down_proj (exports load anywhere);
+    # the length-invariant floor, identical to their fixed range at --seqlen 4096 and keeping its split at others.
+    "rsq-paper": {"method": "gptq", "rotate": True, "importance": "attncon", "awq": False, "bits": 3,
+                  "group_size": -1, "sym": True, "act_order": False, "clip_search": True, "nsamples": 32, "seqlen": 4096},
 }

@@ -2,11 +2,16 @@ import pytest
 import torch
 
 from quantkit.algos.importance import (
+    REFERENCE_LENGTH,
     activation_norm,
     attention_concentration,
     first_last,
+    hessian_split,
+    length_invariant_floor,
     map_importance,
 )
+from quantkit.errors import QuantkitError
+from quantkit.recipe import PRESETS, Recipe
 
 B, HQ, HKV, T, D = 2, 6, 2, 37, 8
 
@@ -91,3 +96,65 @@ def test_map_importance_constant_and_bad_range():
     for low, high in [(-0.1, 1.0), (2.0, 1.0), (0.0, 0.0)]:
         with pytest.raises(ValueError):
             map_importance(r, low, high)
+
+
+def sink_attention(t: int, seed: int = 0) -> torch.Tensor:
+    """Attention concentration [1, t] of random queries/keys plus an attention sink at position 0
+    that takes about the same share (~12–15%) of every query's attention at any length: query i's
+    logit for key 0 is log(i + 1) + 0.5, matching the i + 1 random keys it competes with."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 2, t, 8, generator=g), torch.randn(1, 1, t, 8, generator=g)
+    q[..., 0] = torch.log(torch.arange(1, t + 1.0)) + 0.5
+    k[..., 0] = 0
+    k[:, :, 0] = torch.eye(8)[0]
+    return attention_concentration(q, k, 1.0)
+
+
+def test_length_invariant_split_on_synthetic_attention():
+    """The floor/sink split of Σ w_t is the same at 256 and 4096 tokens with the length-invariant
+    floor, and moves several-fold with the authors' fixed range."""
+    split = {}
+    for t in (256, 4096):
+        r = sink_attention(t)
+        assert r.argmax() == 0
+        for name, reference in (("fixed", None), ("invariant", REFERENCE_LENGTH)):
+            w = map_importance(r, 0.005, 1.0, reference)
+            split[name, t] = [s.item() for s in hessian_split(w, torch.ones_like(w))]
+    (sink_short, floor_short), (sink_long, floor_long) = split["invariant", 256], split["invariant", 4096]
+    assert sink_short == pytest.approx(sink_long, rel=0.2) and floor_short == pytest.approx(floor_long, abs=0.1)
+    assert split["fixed", 4096] == split["invariant", 4096]  # the reference length is the authors' setting
+    (sink_short, floor_short), (sink_long, floor_long) = split["fixed", 256], split["fixed", 4096]
+    assert sink_short > 3 * sink_long and floor_long - floor_short > 0.5
+
+
+def test_length_invariant_floor_scales_with_the_window():
+    r = torch.rand(2, 512, generator=torch.Generator().manual_seed(1))
+    assert length_invariant_floor(0.005, 1.0, 512) == pytest.approx(0.04)
+    assert torch.allclose(map_importance(r, 0.005, 1.0, REFERENCE_LENGTH), map_importance(r, 0.04, 1.0))
+    assert torch.equal(map_importance(r[:, :16], 0.005, 1.0, REFERENCE_LENGTH), torch.ones(2, 16))  # capped at high
+    w = torch.tensor([[4.0, 1.0, 1.0, 2.5]])
+    sink, floor = hessian_split(w, torch.tensor([[1.0, 2.0, 1.0, 1.0]]))
+    assert sink.item() == pytest.approx(4 / 9.5) and floor.item() == pytest.approx(3 / 9.5)
+
+
+def test_recipe_resolves_and_checks_the_mapping():
+    assert Recipe().importance_map == "length-invariant"
+    assert Recipe(importance="actnorm").importance_map == "fixed"
+    assert Recipe(importance="attncon", importance_map="fixed").importance_map == "fixed"
+    with pytest.raises(QuantkitError, match="--importance-map length-invariant is for --importance attncon"):
+        Recipe(importance="first-last", importance_map="length-invariant")
+    paper = Recipe.from_dict(PRESETS["rsq-paper"])
+    assert (paper.bits, paper.group_size, paper.sym, paper.act_order, paper.rotate) == (3, -1, True, False, True)
+    assert (paper.clip_search, paper.importance, paper.importance_map, paper.seqlen, paper.awq) == (
+        True, "attncon", "length-invariant", 4096, False)
+
+
+def test_model_card_names_the_mapping():
+    from quantkit.export.card import model_card
+
+    def card(**kw):
+        return model_card({"quantization_config": {}}, Recipe(bits=3, format="compressed-tensors", **kw), {})
+
+    assert "attention-concentration token importance (length-invariant floor 0.04 at 512-token windows, 0.005 at 4096)" in card()
+    assert "attention-concentration token importance (fixed range [0.005, 1])" in card(importance_map="fixed")
+    assert "activation-norm token importance (fixed range [0.005, 1])" in card(importance="actnorm")

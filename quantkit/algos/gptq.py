@@ -110,12 +110,14 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    clip_search: bool = False,
 ) -> GPTQResult:
     """Quantize w [N, K] minimising tr((W − Q) H (W − Q)ᵀ) for H [K, K].
 
     act_order visits columns by decreasing diag(H) with *static groups*: each group's scale and
     zero are fitted on the original weights of its (unpermuted) columns, so the checkpoint needs
-    no g_idx reordering. Memory beyond H: the weights once in float32 and the codes in uint8.
+    no g_idx reordering. ``clip_search``: each group's range from ``Grid.search`` (MSE) when it is
+    fitted. Memory beyond H: the weights once in float32 and the codes in uint8.
 
     The loop is the paper's, with the same float32 operations in the same order: the codes, scales
     and zeros are the reference solver's bit for bit (the loss is summed per block, not per column)."""
@@ -127,12 +129,13 @@ def gptq_quantize(
     W[:, dead] = 0
     gsize = grid.width(k)
     ngroups = k // gsize
+    fit = grid.search if clip_search else grid.fit
     # per-group scales and zeros as rows [G, N]: the loop reads one group's as a contiguous vector
     scales = torch.zeros(ngroups, n, device=W.device)
     zeros = torch.zeros(ngroups, n, device=W.device)
     if act_order:
         for g in range(ngroups):
-            scales[g], zeros[g] = grid.fit(W[:, g * gsize : (g + 1) * gsize])
+            scales[g], zeros[g] = fit(W[:, g * gsize : (g + 1) * gsize])
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(k, device=W.device)
@@ -161,7 +164,7 @@ def gptq_quantize(
                     upcoming = W1[i : i + gsize]
                     if upcoming.shape[0] < gsize:  # the group runs past this outer block
                         upcoming = torch.cat([upcoming, Wt[i2 : i2 + gsize - upcoming.shape[0]]])
-                    scales[g], zeros[g] = grid.fit(upcoming.t().contiguous())  # rows contiguous: fast min/max
+                    scales[g], zeros[g] = fit(upcoming.t().contiguous())  # rows contiguous: fast min/max
                 w, s, z = W1[i], scales[g], zeros[g]
                 q = grid.quantize(w[:, None], s, z)[:, 0]
                 codes[i1 + i] = q

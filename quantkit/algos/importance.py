@@ -6,11 +6,21 @@ Raw scores come from one of three strategies (RSQ, Sung et al. 2025):
 - ``activation_norm`` (ActNorm): ‖x_t‖₂.
 - ``first_last``: a positional heuristic favouring the first and last tokens.
 ``map_importance`` turns raw scores into Hessian weights.
+
+Length invariance (attncon): every query's attention sums to 1, so a window of T tokens hands out
+Hq·T in all; the sink takes a share of it that hardly depends on T, so after min–max mapping the
+most attended token weighs ``high`` and all tokens' weight above the floor adds up to about the same
+mass at every T, while the floor's mass is ``low``·T. With a fixed ``low`` the floor/sink split of
+H = Σ r_t x_t x_tᵀ therefore shifts with the window length (the sink's share at T = 512 is about 5×
+its share at 4096). ``map_importance(..., reference=REFERENCE_LENGTH)`` keeps ``low``·T constant
+instead: ``low`` is the floor at the authors' 4096-token windows and scales as 1/T elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
+
+REFERENCE_LENGTH = 4096  # RSQ's released runs calibrate on 4096-token windows (--train_seqlen 4096)
 
 
 def attention_concentration(
@@ -74,15 +84,38 @@ def first_last(t: int, n: int = 512) -> torch.Tensor:
     return torch.maximum(1 - i / n, 1 - (t - 1 - i) / n).clamp_min(0)
 
 
-def map_importance(r: torch.Tensor, low: float = 0.005, high: float = 1.0) -> torch.Tensor:
+def length_invariant_floor(low: float, high: float, t: int, reference: int = REFERENCE_LENGTH) -> float:
+    """The floor at windows of t tokens whose total mass floor·t equals low·reference: low·reference/t,
+    capped at ``high`` (then every token weighs the same)."""
+    return min(high, low * reference / t)
+
+
+def map_importance(
+    r: torch.Tensor, low: float = 0.005, high: float = 1.0, reference: int | None = None
+) -> torch.Tensor:
     """Map raw scores r [B, T] per sample linearly onto [low, high] (min → low, max → high),
     then divide by the sample mean so the weights average 1: float32 [B, T].
 
-    A constant sample maps to all ones.
+    ``reference`` (length-invariant floor): ``low`` is the floor at windows of ``reference`` tokens;
+    at T tokens the floor is low·reference/T (capped at ``high``), so the floor's total mass is the
+    same at every T. None: the fixed range [low, high] (the authors' mapping). A constant sample
+    maps to all ones.
     """
     if not 0 <= low <= high or high <= 0:
         raise ValueError(f"need 0 <= low <= high and high > 0, got low={low}, high={high}")
+    if reference is not None:
+        low = length_invariant_floor(low, high, r.shape[-1], reference)
     r = r.float()
     r_min, r_max = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
     w = low + (high - low) * (r - r_min) / (r_max - r_min)  # NaN for a constant sample
     return torch.where(r_max > r_min, w / w.mean(-1, keepdim=True), 1.0)
+
+
+def hessian_split(w: torch.Tensor, sqnorm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where tr(Σ_t w_t x_t x_tᵀ) = Σ_t w_t ‖x_t‖² of each sample comes from, for weights w [B, T]
+    and squared norms ‖x_t‖² [B, T]: (position 0's share, the share of floor-weight tokens, those
+    weighing at most twice the sample's lowest weight), float32 ([B], [B])."""
+    mass = w.float() * sqnorm.float()
+    total = mass.sum(-1)
+    floor = w <= 2 * w.amin(-1, keepdim=True)
+    return mass[:, 0] / total, (mass * floor).sum(-1) / total

@@ -52,6 +52,24 @@ class Grid:
             zero = torch.round(-wmin / scale).clamp(self.min_zero, self.maxq)
         return scale, zero
 
+    def search(self, w: torch.Tensor, steps: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fit`` with each row's range shrunk by the p ∈ {1, 1 − 1/steps, …} (max_shrink·steps candidates,
+        down to 0.21) that minimises Σ |w − Q(w)|^norm over the row: ([N], [N]). The MSE grid search of
+        the reference GPTQ quantizer (IST-DASLab/gptq quant.py, mse=True) that RSQ's --w_clip runs, on the
+        scales and zeros ``fit`` gives (fp16 scales as stored, zeros clamped to the grid)."""
+        def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+            return (self.fake_quantize(w, scale, zero) - w).abs_().pow_(norm).sum(1)
+
+        best_scale, best_zero = self.fit(w)
+        best_err = error(best_scale, best_zero)
+        for i in range(1, int(max_shrink * steps)):
+            scale, zero = self.fit(w, 1 - i / steps)
+            err = error(scale, zero)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+        return best_scale, best_zero
+
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integer codes of w [N, C] with per-row scale/zero [N] (or broadcastable [N, C])."""
         if scale.dim() == 1:
@@ -89,12 +107,13 @@ class QuantizedWeight:
                 for c, s, z in parts]
 
 
-def rtn_quantize(w: torch.Tensor, grid: Grid) -> QuantizedWeight:
-    """Round-to-nearest: w [N, K] -> QuantizedWeight on ``grid`` (K divisible by the group size)."""
+def rtn_quantize(w: torch.Tensor, grid: Grid, clip_search: bool = False) -> QuantizedWeight:
+    """Round-to-nearest: w [N, K] -> QuantizedWeight on ``grid`` (K divisible by the group size);
+    ``clip_search``: each group's range from ``Grid.search`` instead of its min/max."""
     n, k = w.shape
     g = grid.width(k)
     blocks = w.float().reshape(n * (k // g), g)
-    scale, zero = grid.fit(blocks)
+    scale, zero = grid.search(blocks) if clip_search else grid.fit(blocks)
     codes = grid.quantize(blocks, scale, zero).reshape(n, k)
     g_idx = torch.arange(k, device=w.device) // g
     return QuantizedWeight(codes, scale.reshape(n, -1), zero.reshape(n, -1), g_idx.int(), grid.bits, g)

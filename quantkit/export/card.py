@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from quantkit.calibration import NAMED_SETS
+from quantkit.algos.importance import REFERENCE_LENGTH, length_invariant_floor
 from quantkit.recipe import Recipe
 
 MODEL = "path/to/this-model"  # placeholder in the snippets: the export folder or its Hub repo id
@@ -117,12 +118,18 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
     scheme = f"{recipe.bits}-bit, {group}, {'symmetric' if recipe.sym else 'asymmetric'}"
     if recipe.needs_calibration and recipe.importance != "uniform":
         scheme += f", {IMPORTANCE_NAMES[recipe.importance]} token importance"
+        if recipe.importance_map == "length-invariant":
+            floor = length_invariant_floor(recipe.importance_min, recipe.importance_max, recipe.seqlen)
+            scheme += (f" (length-invariant floor {floor:.3g} at {recipe.seqlen}-token windows, "
+                       f"{recipe.importance_min:g} at {REFERENCE_LENGTH})")
+        else:
+            scheme += f" (fixed range [{recipe.importance_min:g}, {recipe.importance_max:g}])"
     lines = _front_matter(recipe, source, manifest) + [
         "",
         f"# {name.split('/')[-1]} — {recipe.bits}-bit {fmt}",
         "",
         f"`{name}` quantized by quantkit {manifest.get('quantkit_version', '')} with {recipe.method.upper()}"
-        f"{' + AWQ' if recipe.awq else ''} ({scheme}{', Hadamard-rotated' if recipe.rotate else ''}), stored in the **{fmt}** format "
+        f"{' + AWQ' if recipe.awq else ''} ({scheme}{', Hadamard-rotated' if recipe.rotate else ''}{', MSE-searched ranges' if recipe.clip_search else ''}), stored in the **{fmt}** format "
         f"(`quant_method: {config.get('quantization_config', {}).get('quant_method', fmt)}` in config.json).",
         "",
         "## Recipe",
