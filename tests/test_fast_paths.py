@@ -16,7 +16,8 @@ from test_gptq import reference_gptq
 from tests_support import export_files
 
 
-def reference_solver(w, H, grid, block_size, damp, act_order):
+def reference_solver(w, H, grid, block_size, damp, act_order, clip_search=False):
+    assert not clip_search  # the paper's loop fits min–max ranges
     codes, scales, zeros, loss = reference_gptq(w, H, grid, block_size, damp, act_order)
     width = grid.width(w.shape[1])
     g_idx = (torch.arange(w.shape[1]) // width).int()
