@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from quantkit.algos.quantizer import Grid
+from quantkit.algos.quantizer import BlockGrid, Grid
 from quantkit.errors import QuantkitError
 
 BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq")
-FORMATS = ("auto", "gptq", "compressed-tensors", "awq")
+FORMATS = ("auto", "gptq", "compressed-tensors", "awq", "gguf")
 IMPORTANCE = ("uniform", "attncon", "actnorm", "first-last")
 
 
@@ -35,13 +35,18 @@ class Recipe:
     awq: bool | None = None  # None: on with GPTQ, off with RTN (which then needs no calibration)
     awq_duo: bool = False
     awq_clip: bool = False
+    gguf_type: str | None = None  # --format gguf: the GGUF block type (None: chosen from bits/group/sym)
 
     def __post_init__(self) -> None:
         if self.awq is None:
             object.__setattr__(self, "awq", self.method == "gptq")
         if self.importance is None:
             object.__setattr__(self, "importance", "attncon" if self.method == "gptq" else "uniform")
-        if self.bits not in BITS:
+        if self.format == "gguf" or self.gguf_type is not None:
+            from quantkit.export.gguf import check_recipe
+
+            object.__setattr__(self, "gguf_type", check_recipe(self))
+        elif self.bits not in BITS:
             raise QuantkitError(f"--bits {self.bits} is not supported: choose one of {', '.join(map(str, BITS))}")
         if self.group_size != -1 and self.group_size < 1:
             raise QuantkitError(f"--group-size {self.group_size}: use -1 (per-channel) or a positive size such as 128")
@@ -80,7 +85,9 @@ class Recipe:
         return "gptq" if self.sym and self.bits in (4, 8) else "compressed-tensors"
 
     @property
-    def grid(self) -> Grid:
+    def grid(self) -> Grid | BlockGrid:
+        if self.export_format == "gguf":
+            return BlockGrid(self.gguf_type)
         # GPTQ v1 stores zero − 1 in `bits` bits, so an asymmetric zero point of 0 cannot be written.
         min_zero = 1 if self.export_format == "gptq" and not self.sym else 0
         return Grid(self.bits, self.group_size, self.sym, min_zero)

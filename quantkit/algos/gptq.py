@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.algos.quantizer import Grid, QuantizedWeight
+from quantkit.algos.quantizer import BlockGrid, Grid, QuantizedWeight
 
 
 class CholeskyError(RuntimeError):
@@ -85,7 +85,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> tuple[to
 def gptq_quantize(
     w: torch.Tensor,
     H: torch.Tensor,
-    grid: Grid,
+    grid: Grid | BlockGrid,
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
@@ -94,20 +94,23 @@ def gptq_quantize(
 
     act_order visits columns by decreasing diag(H) with *static groups*: each group's scale and
     zero are fitted on the original weights of its (unpermuted) columns, so the checkpoint needs
-    no g_idx reordering. Memory beyond H: the weights once in float32 and the codes in uint8."""
+    no g_idx reordering. Groups are fitted a span at a time (a llama.cpp super-block for BlockGrid).
+    Memory beyond H: the weights once in float32 and the codes in uint8."""
     W = w.detach().to(torch.float32).clone()
     H = H.to(torch.float32).clone()
     n, k = W.shape
+    grid = grid.for_columns(k)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    gsize = grid.width(k)
+    gsize, span = grid.width(k), grid.span(k)
+    per = span // gsize  # groups per span
     ngroups = k // gsize
     scales = torch.zeros(n, ngroups, device=W.device)
     zeros = torch.zeros(n, ngroups, device=W.device)
     if act_order:
-        for g in range(ngroups):
-            scales[:, g], zeros[:, g] = grid.fit(W[:, g * gsize : (g + 1) * gsize])
+        for g in range(0, ngroups, per):
+            scales[:, g : g + per], zeros[:, g : g + per] = grid.fit_span(W[:, g * gsize : g * gsize + span])
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(k, device=W.device)
@@ -130,12 +133,12 @@ def gptq_quantize(
             for i in range(i2 - i1):
                 col = order[i1 + i]
                 g = col // gsize
-                if not act_order and col % gsize == 0:
-                    upcoming = torch.cat([W1[i:], Wt[i2:]])[:gsize]
-                    scales[:, g], zeros[:, g] = grid.fit(upcoming.t())
+                if not act_order and col % span == 0:
+                    upcoming = torch.cat([W1[i:], Wt[i2:]])[:span]
+                    scales[:, g : g + per], zeros[:, g : g + per] = grid.fit_span(upcoming.t())
                 w, d = W1[i], Hinv1[i, i]
                 q = grid.quantize(w[:, None], scales[:, g], zeros[:, g])[:, 0]
-                dq = scales[:, g] * (q - zeros[:, g])
+                dq = grid.dequantize(q, scales[:, g], zeros[:, g])
                 codes[i1 + i] = q
                 err = (w - dq) / d
                 losses += err.square() / 2
@@ -148,5 +151,5 @@ def gptq_quantize(
     loss = losses.sum().item()
     if not math.isfinite(loss):
         raise CholeskyError("GPTQ produced non-finite weights")
-    weight = QuantizedWeight(codes[inverse].t().contiguous(), scales, zeros, g_idx, grid.bits, gsize)
+    weight = QuantizedWeight(codes[inverse].t().contiguous(), scales, zeros, g_idx, grid.bits, gsize, grid.offset)
     return GPTQResult(weight, loss, damp_used)
