@@ -52,6 +52,8 @@ def cli() -> None:
 @click.option("--awq-duo/--no-awq-duo", default=None, help="AWQ scales also divided by mean|w|^(1-α).")
 @click.option("--awq-clip/--no-awq-clip", default=None, help="AWQ weight-range clip search.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Export format.  [default: auto]")
+@click.option("--gguf-type", help="GGUF block type (Q4_0, Q4_1, Q5_0, Q8_0, Q2_K, Q3_K, Q4_K, Q6_K); implies --format gguf "
+              "and its bits/group/symmetry.  [default: from --bits/--group-size/--sym]")
 @click.option("--calibration", help="Calibration text: .txt/.jsonl/.parquet file or a named set (wikitext2, c4).")
 @click.option("--nsamples", type=int, help="Calibration windows.  [default: 128]")
 @click.option("--seqlen", type=int, help="Tokens per calibration window.  [default: 512]")
@@ -66,7 +68,7 @@ def cli() -> None:
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def quantize(model, output_dir, preset, fmt, device, offload, max_shard_size, force, resume, trust_remote_code, allow_pickle, as_json, quiet, calibration, **flags) -> None:
+def quantize(model, output_dir, preset, fmt, gguf_type, device, offload, max_shard_size, force, resume, trust_remote_code, allow_pickle, as_json, quiet, calibration, **flags) -> None:
     """Quantize MODEL (folder or hub id) into OUTPUT_DIR."""
     from quantkit.quantize import run
 
@@ -74,6 +76,11 @@ def quantize(model, output_dir, preset, fmt, device, offload, max_shard_size, fo
     values.update({k: v for k, v in flags.items() if v is not None})
     if fmt is not None:
         values["format"] = fmt
+    if gguf_type is not None:
+        from quantkit.export.gguf import recipe_defaults
+
+        values = {**recipe_defaults(gguf_type.upper()), **values, "gguf_type": gguf_type.upper()}
+        values.setdefault("format", "gguf")
     recipe = Recipe.from_dict(values)
     result = run(
         model,
@@ -125,10 +132,17 @@ def eval_(model, dataset, seqlen, max_tokens, device, dtype, trust_remote_code, 
     from quantkit.model import check_model_source, compute_device, load_model, load_tokenizer
     from quantkit.runtime import load_quantized, quantization_config
 
+    from quantkit.export.gguf import gguf_file, load_gguf
+
     dev = compute_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
-    check_model_source(model, allow_pickle)
-    if Path(model).is_dir() and quantization_config(Path(model)) is not None:
+    gguf_path = gguf_file(model)  # a GGUF file, or the export folder holding one: quantkit's own reader
+    if gguf_path is None:
+        check_model_source(model, allow_pickle)
+    if gguf_path is not None:
+        lm = load_gguf(gguf_path, torch_dtype or torch.float32).to(dev)
+        tokenizer = load_tokenizer(str(gguf_path.parent))
+    elif Path(model).is_dir() and quantization_config(Path(model)) is not None:
         lm = load_quantized(model, torch_dtype, dev)
         tokenizer = load_tokenizer(model)
     else:
@@ -158,7 +172,7 @@ def inspect(export_dir: Path, as_json: bool) -> None:
     if qc is None:
         raise QuantkitError(f"'{export_dir}' is not quantized (no quantization_config)")
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    size = sum(f.stat().st_size for f in export_dir.glob("*.safetensors"))
+    size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in export_dir.glob(pattern))
     info = {
         "export": str(export_dir),
         "quantization_config": qc,

@@ -319,7 +319,7 @@ def dequantize_linear(parts: dict[str, torch.Tensor], qc: dict) -> torch.Tensor:
 
 
 def quantization_config(recipe) -> dict:
-    return {"quant_method": "gguf", "gguf_type": recipe.gguf_type, "bits": recipe.bits, "group_size": recipe.group_size,
+    return {"quant_method": "gguf", "format": recipe.gguf_type, "gguf_type": recipe.gguf_type, "bits": recipe.bits, "group_size": recipe.group_size,
             "sym": recipe.sym, "static_groups": recipe.act_order,
             "meta": {"quantizer": [f"quantkit:{__version__}"], "act_order": recipe.act_order}}
 
@@ -395,6 +395,22 @@ _PRE_TOKENIZERS = {
 }
 
 
+def _pre_tokenizer(tok, pre_tokenizer: dict | None, source: Path) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer: by the converter's hash of a known
+    tokenizer, else by structure (GPT-2's byte-level regex, optionally with single digits split)."""
+    pre_hash = hashlib.sha256(str(tok.encode(_CHKTXT)).encode()).hexdigest()
+    if pre_hash in _PRE_TOKENIZERS:
+        return _PRE_TOKENIZERS[pre_hash]
+    steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer] if pre_tokenizer else [])
+    kinds = [(p.get("type"), p.get("use_regex", p.get("individual_digits"))) for p in steps]
+    if kinds == [("ByteLevel", True)]:
+        return "gpt-2"
+    if kinds == [("Digits", True), ("ByteLevel", True)]:
+        return "smollm"
+    raise QuantkitError(f"--format gguf: the pre-tokenizer of '{source}' (llama.cpp hash {pre_hash[:12]}…) is not one "
+                        f"quantkit knows ({', '.join(sorted(set(_PRE_TOKENIZERS.values())))}, gpt-2, smollm)")
+
+
 def _add_tokenizer(writer, source: Path, config) -> None:
     """Vocab, token types, BPE merges, special tokens and chat template of the HF tokenizer in ``source``."""
     gguf = _gguf()
@@ -406,10 +422,7 @@ def _add_tokenizer(writer, source: Path, config) -> None:
         raise QuantkitError(f"--format gguf: '{source}' has no byte-level BPE tokenizer.json (GPT-2 style); "
                             "SentencePiece tokenizers are not supported yet")
     tok = AutoTokenizer.from_pretrained(str(source))
-    pre_hash = hashlib.sha256(str(tok.encode(_CHKTXT)).encode()).hexdigest()
-    if pre_hash not in _PRE_TOKENIZERS:
-        raise QuantkitError(f"--format gguf: the pre-tokenizer of '{source}' (llama.cpp hash {pre_hash[:12]}…) is not one "
-                            f"quantkit knows ({', '.join(sorted(set(_PRE_TOKENIZERS.values())))})")
+    pre = _pre_tokenizer(tok, json.loads(tj.read_text()).get("pre_tokenizer"), source)
     vocab = {i: t for t, i in tok.get_vocab().items()}
     added, decoder = tok.get_added_vocab(), tok.added_tokens_decoder
     tokens, types = [], []
@@ -426,7 +439,7 @@ def _add_tokenizer(writer, source: Path, config) -> None:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_PRE_TOKENIZERS[pre_hash])
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(source, load_merges=True, n_vocab=config.vocab_size).add_to_gguf(writer)
