@@ -132,19 +132,16 @@ def eval_(model, dataset, seqlen, max_tokens, device, dtype, trust_remote_code, 
     from quantkit.model import check_model_source, compute_device, load_model, load_tokenizer
     from quantkit.runtime import load_quantized, quantization_config
 
-    from quantkit.export.gguf import gguf_file, load_gguf
+    from quantkit.export.gguf import gguf_file
 
     dev = compute_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
-    gguf_path = gguf_file(model)  # a GGUF file, or the export folder holding one: quantkit's own reader
+    gguf_path = gguf_file(model)  # a GGUF file, or the export folder holding one
     if gguf_path is None:
         check_model_source(model, allow_pickle)
-    if gguf_path is not None:
-        lm = load_gguf(gguf_path, torch_dtype or torch.float32).to(dev)
-        tokenizer = load_tokenizer(str(gguf_path.parent))
-    elif Path(model).is_dir() and quantization_config(Path(model)) is not None:
+    if gguf_path is not None or (Path(model).is_dir() and quantization_config(Path(model)) is not None):
         lm = load_quantized(model, torch_dtype, dev)
-        tokenizer = load_tokenizer(model)
+        tokenizer = load_tokenizer(str(gguf_path.parent) if gguf_path is not None else model)
     else:
         lm, tokenizer, _ = load_model(model, torch_dtype, trust_remote_code, allow_pickle)
         lm.to(dev)

@@ -92,9 +92,14 @@ def _runtime_layers(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, dic
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear``."""
+    """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear`` (a GGUF
+    file or folder: dense Linears holding its dequantized weights, float32 unless ``dtype``)."""
     from transformers import AutoConfig
 
+    from quantkit.export.gguf import gguf_file, load_gguf
+
+    if (gguf_path := gguf_file(path)) is not None:
+        return load_gguf(gguf_path, dtype or torch.float32).to(device)
     folder = Path(path)
     config = AutoConfig.from_pretrained(folder)
     qc = quantization_config(folder)

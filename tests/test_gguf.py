@@ -182,8 +182,9 @@ def test_llamacpp_runs_fp_export_like_transformers(tiny_256, tmp_path):
 
 @pytest.mark.slow
 def test_llamacpp_smollm2_tokenizer_and_perplexity(smollm2, shared_data, tmp_path):
-    """SmolLM2-135M at Q4_K (GPTQ + AWQ): llama.cpp tokenizes like transformers and its perplexity on
-    WikiText-2 is within 1 % of quantkit eval on the same file."""
+    """SmolLM2-135M at Q4_K: llama.cpp tokenizes like transformers and its perplexity on WikiText-2 is
+    within 1 % of quantkit eval on the same file (RTN: the reading is under test, not the rounding,
+    which the tiny-model tests pin down bit for bit)."""
     from quantkit.calibration import load_text, tokenize
     from quantkit.model import load_tokenizer
 
@@ -192,8 +193,8 @@ def test_llamacpp_smollm2_tokenizer_and_perplexity(smollm2, shared_data, tmp_pat
     sample.write_text(text[:20000])
     tokenizer = load_tokenizer(str(smollm2))
     hf_ids = tokenizer.encode(sample.read_text(), add_special_tokens=False)
-    r = CliRunner().invoke(cli, ["quantize", str(smollm2), str(tmp_path / "q"), "--gguf-type", "Q4_K", "--calibration",
-                                 str(shared_data / "c4-sample.txt"), "--nsamples", "16", "--seqlen", "256", "--quiet"])
+    r = CliRunner().invoke(cli, ["quantize", str(smollm2), str(tmp_path / "q"), "--gguf-type", "Q4_K", "--method", "rtn",
+                                 "--quiet"])
     assert r.exit_code == 0, r.output
     path = tmp_path / "q" / "model-Q4_K.gguf"
     assert llamacpp("tokenize", str(path), str(sample))["ids"] == hf_ids
