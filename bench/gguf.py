@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import RESULTS, ROOT, quantkit, require_data, save, timed  # noqa: E402
+from common import ROOT, quantkit, require_data, save, timed  # noqa: E402
 
 PEERS_DIR = Path(os.environ.get("QUANTKIT_PEERS_DIR") or Path.home() / ".cache" / "quantkit-peers")
 VENV = PEERS_DIR / "llamacpp"
