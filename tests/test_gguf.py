@@ -177,7 +177,8 @@ def test_llamacpp_runs_fp_export_like_transformers(tiny_256, tmp_path):
     theirs = torch.from_numpy(np.load(tmp_path / "logits.npy"))
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]
-    assert (theirs - ours).norm() / ours.norm() < 1e-3
+    # measured 5e-4 (llama.cpp keeps K/V in fp16); without the permutation 0.63
+    assert (theirs - ours).norm() / ours.norm() < 2e-3
 
 
 @pytest.mark.slow
