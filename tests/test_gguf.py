@@ -164,13 +164,22 @@ def llamacpp(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_llamacpp_runs_fp_export_like_transformers(tiny_256, tmp_path):
-    """An F32 GGUF of the tiny model in llama.cpp gives transformers' logits: metadata, names and the
-    q/k RoPE permutation are right (a wrong permutation moves the logits by ~100 %)."""
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_llamacpp_runs_fp_export_like_transformers(tiny_256, tmp_path, model_type):
+    """An F32 GGUF of a tiny model in llama.cpp gives transformers' logits: metadata, names (qwen2's
+    q/k/v biases, qwen3's q/k norms and head_dim) and the llama q/k RoPE permutation are right (a
+    wrong permutation moves the logits by ~60 %)."""
+    from conftest import make_tiny_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_256, dtype=torch.float32).eval()
-    path = export_fp(model, tiny_256, tmp_path / "fp.gguf")
+    folder = tiny_256 if model_type == "llama" else make_tiny_model(tmp_path / model_type, model_type, hidden=256)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():  # biases and norm weights start at 0 / 1: make a misplaced one visible
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.2)
+    path = export_fp(model, folder, tmp_path / "fp.gguf")
+    assert load_gguf(path).state_dict().keys() == model.state_dict().keys()
     ids = torch.randint(2, model.config.vocab_size, (48,), generator=torch.Generator().manual_seed(0)).tolist()
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     llamacpp("logits", str(path), str(tmp_path / "ids.json"), str(tmp_path / "logits.npy"))
