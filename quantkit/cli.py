@@ -72,6 +72,8 @@ DEMO_EVAL_TOKENS = 8192
 @click.option("--clip-search/--no-clip-search", default=None,
               help="MSE search of each group's range (shrink 1 → 0.21 in 0.01 steps, |error|^2.4), RTN and GPTQ.  [default: off]")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Export format.  [default: auto]")
+@click.option("--gguf-type", help="GGUF block type (Q4_0, Q4_1, Q5_0, Q8_0, Q2_K, Q3_K, Q4_K, Q6_K); implies --format gguf "
+              "and its bits/group/symmetry.  [default: from --bits/--group-size/--sym]")
 @click.option("--calibration", help="Calibration text: .txt/.jsonl/.parquet file or a named set (c4, wiki, code, "
               "multilingual, technical, tiny; hub: wikitext2, c4-hub).  [default: c4]")
 @click.option("--chat-template/--no-chat-template", default=None,
@@ -166,6 +168,12 @@ def resolve_recipe(model: str, recipe_file: Path | None, preset: str | None, fmt
     values.update({k: v for k, v in flags.items() if v is not None})
     if fmt is not None:
         values["format"] = fmt
+    if values.get("gguf_type"):  # a GGUF type sets its own bits, group size and symmetry
+        from quantkit.export.gguf import recipe_defaults
+
+        gguf_type = str(values["gguf_type"]).upper()
+        values = {**recipe_defaults(gguf_type), **values, "gguf_type": gguf_type}
+        values.setdefault("format", "gguf")
     Recipe.from_dict(values)  # refuse bad flags before anything else is said
     config = preflight.local_config(model)
     if config is None and not Path(model).exists() and model.count("/") == 1:  # a hub id: transformers fetches config.json
@@ -213,12 +221,16 @@ def eval_(model, dataset, seqlen, max_tokens, device, dtype, trust_remote_code, 
     from quantkit.runtime import load_quantized, quantization_config
 
     check_windows(seqlen, max_tokens)
+    from quantkit.export.gguf import gguf_file
+
     dev = compute_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
-    check_model_source(model, allow_pickle)
-    if Path(model).is_dir() and quantization_config(Path(model)) is not None:
+    gguf_path = gguf_file(model)  # a GGUF file, or the export folder holding one
+    if gguf_path is None:
+        check_model_source(model, allow_pickle)
+    if gguf_path is not None or (Path(model).is_dir() and quantization_config(Path(model)) is not None):
         lm = load_quantized(model, torch_dtype, dev)
-        tokenizer = load_tokenizer(model)
+        tokenizer = load_tokenizer(str(gguf_path.parent) if gguf_path is not None else model)
     else:
         lm, tokenizer, _ = load_model(model, torch_dtype, trust_remote_code, allow_pickle)
         lm.to(dev)
@@ -249,7 +261,7 @@ def inspect(export_dir: Path, as_json: bool) -> None:
     for key, kinds in (("recipe", (dict, type(None))), ("metrics", dict), ("timings", dict), ("source_bytes", (int, float, type(None)))):
         if key in manifest and (not isinstance(manifest[key], kinds) or isinstance(manifest[key], bool)):
             raise QuantkitError(f"{manifest_path}: '{key}' is a {type(manifest[key]).__name__}: the manifest is damaged, re-export the model")
-    size = sum(f.stat().st_size for f in export_dir.glob("*.safetensors"))
+    size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in export_dir.glob(pattern))
     info = {
         "export": str(export_dir),
         "quantization_config": qc,

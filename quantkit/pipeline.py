@@ -504,12 +504,13 @@ def _quantize_weight(weight: torch.Tensor, hessian: Hessian | None, recipe: Reci
 
 
 def _compact(q: QuantizedWeight) -> QuantizedWeight:
-    """Move to CPU with integer codes/zeros as uint8 (what export packs)."""
+    """Move to CPU with integer codes/zeros as uint8 (what export packs; offset zeros stay float)."""
     return QuantizedWeight(
         q.codes.to("cpu", torch.uint8),
         q.scales.to("cpu", torch.float32),
-        q.zeros.to("cpu", torch.uint8),
+        q.zeros.to("cpu", torch.float32 if q.offset else torch.uint8),
         q.g_idx.to("cpu"),
         q.bits,
         q.group_size,
+        q.offset,
     )

@@ -136,6 +136,8 @@ def run(
     out = Path(output) if output is not None else None
     dev = compute_device(device)
     world, dev = init_world(dev)
+    if world.size > 1 and recipe.export_format == "gguf":
+        raise QuantkitError("--format gguf runs in a single process: rerun the same command without torchrun")
     if world.size > 1 and resume:
         raise QuantkitError("--resume runs in a single process: rerun the same command without torchrun "
                             "(the result is the same as a data-parallel run's)")

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 from quantkit.errors import QuantkitError
 
 if TYPE_CHECKING:  # torch stays unimported until a grid is built (quantkit.cli validates recipes without it)
-    from quantkit.algos.quantizer import Grid
+    from quantkit.algos.quantizer import BlockGrid, Grid
 
 BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq")
-FORMATS = ("auto", "gptq", "compressed-tensors", "awq")
+FORMATS = ("auto", "gptq", "compressed-tensors", "awq", "gguf")
 IMPORTANCE = ("uniform", "attncon", "actnorm", "first-last")
 IMPORTANCE_MAPS = ("length-invariant", "fixed")  # floor scaled by 4096/seqlen, or the authors' fixed [min, max]
 
@@ -41,6 +41,7 @@ class Recipe:
     awq_duo: bool = False
     awq_clip: bool = False
     clip_search: bool = False  # MSE search of each group's range when its grid is fitted (RTN and GPTQ)
+    gguf_type: str | None = None  # --format gguf: the GGUF block type (None: chosen from bits/group/sym)
 
     def __post_init__(self) -> None:
         if self.awq is None:
@@ -49,8 +50,15 @@ class Recipe:
             object.__setattr__(self, "importance", "attncon" if self.method == "gptq" else "uniform")
         if self.importance_map is None:
             object.__setattr__(self, "importance_map", "length-invariant" if self.importance == "attncon" else "fixed")
-        if self.bits not in BITS:
+        if self.format == "gguf" or self.gguf_type is not None:
+            from quantkit.export.gguf import check_recipe
+
+            object.__setattr__(self, "gguf_type", check_recipe(self))
+        elif self.bits not in BITS:
             raise QuantkitError(f"--bits {self.bits} is not supported: choose one of {', '.join(map(str, BITS))}")
+        if self.clip_search and self.gguf_type is not None:
+            raise QuantkitError("--clip-search searches plain grids; a GGUF type's block scales are fitted as llama.cpp "
+                                "stores them: drop --clip-search or choose another --format")
         if self.group_size != -1 and self.group_size < 1:
             raise QuantkitError(f"--group-size {self.group_size}: use -1 (per-channel) or a positive size such as 128")
         if self.method not in METHODS:
@@ -110,9 +118,11 @@ class Recipe:
                                       "vLLM accepts it but runs it only on CUDA with its optional humming package")
 
     @property
-    def grid(self) -> "Grid":
-        from quantkit.algos.quantizer import Grid
+    def grid(self) -> "Grid | BlockGrid":
+        from quantkit.algos.quantizer import BlockGrid, Grid
 
+        if self.export_format == "gguf":
+            return BlockGrid(self.gguf_type)
         # GPTQ v1 stores zero − 1 in `bits` bits, so an asymmetric zero point of 0 cannot be written.
         min_zero = 1 if self.export_format == "gptq" and not self.sym else 0
         return Grid(self.bits, self.group_size, self.sym, min_zero)

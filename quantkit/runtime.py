@@ -162,7 +162,12 @@ def check_runtime_layer(name: str, parts: dict[str, torch.Tensor], linear: nn.Li
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear``; every
-    quantized Linear is checked against the config (``check_runtime_layer``) before use."""
+    quantized Linear is checked against the config (``check_runtime_layer``) before use. A GGUF file
+    or folder: dense Linears holding its dequantized weights, float32 unless ``dtype``."""
+    from quantkit.export.gguf import gguf_file, load_gguf
+
+    if (gguf_path := gguf_file(path)) is not None:
+        return load_gguf(gguf_path, dtype or torch.float32).to(device)
     folder = Path(path)
     qc = quantization_config(folder)
     if qc is None:

@@ -2,8 +2,13 @@
 # Create (once) the cached peer-tool venvs used by bench/peers/ probes, interop
 # tests and peer benchmarks.
 #
+<<<<<<< HEAD
 #   bench/peers/make_venvs.sh              # gptqmodel, llmcompressor, vllm, latest
+=======
+#   bench/peers/make_venvs.sh              # gptqmodel and llmcompressor
+>>>>>>> wt/gguf
 #   bench/peers/make_venvs.sh gptqmodel    # only one
+#   bench/peers/make_venvs.sh llamacpp     # llama-cpp-python + llama-quantize/-imatrix/-perplexity
 #   QUANTKIT_PEERS_DIR=/some/dir bench/peers/make_venvs.sh
 #
 # Venvs:
@@ -101,14 +106,78 @@ EOF
     exec {lock}>&-
 }
 
+# llama.cpp, built once from the llama-cpp-python sdist's vendored source so the
+# Python bindings and the tools are the same build: only libllama/libggml and
+# the tools the GGUF tests and bench/gguf.py use (quantize, imatrix, perplexity),
+# no server, UI, multimodal, tests or examples. The bindings are installed with
+# LLAMA_BUILD=OFF (no second compile) and load the copied shared libraries.
+# No torch here: the tests drive it in a subprocess. GGML_NATIVE: tuned for
+# this machine's CPU (the venv is a per-machine cache).
+LLAMACPP_VERSION="0.3.36"
+make_llamacpp() {
+    local venv="$PEERS_DIR/llamacpp"
+    local marker="$venv/.quantkit-ready"
+    if [[ -f "$marker" ]]; then
+        log "llamacpp: ready ($marker exists), skipping"
+        echo -e "llamacpp\t$venv"
+        return 0
+    fi
+    log "llamacpp: creating $venv (llama-cpp-python==$LLAMACPP_VERSION, build on $(nproc) cores)"
+    rm -rf "$venv"
+    mkdir -p "$PEERS_DIR"
+    local t0; t0=$(date +%s)
+    "$PYTHON" -m venv "$venv"
+    local pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
+    local src="$venv/src"
+    mkdir -p "$src"
+    "$venv/bin/python" -m pip download --disable-pip-version-check --no-deps --no-binary :all: \
+        -d "$src" "llama-cpp-python==$LLAMACPP_VERSION" >&2
+    tar -xzf "$src"/llama_cpp_python-*.tar.gz -C "$src"
+    local sdist; sdist=$(echo "$src"/llama_cpp_python-*/)
+    local build="$src/build"
+    cmake -S "$sdist/vendor/llama.cpp" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DGGML_NATIVE=ON \
+        -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF >&2
+    cmake --build "$build" -j "$(nproc)" --target llama-quantize llama-imatrix llama-perplexity >&2
+    mkdir -p "$venv/llama.cpp"
+    cp -a "$build"/bin/. "$venv/llama.cpp/"
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "${pip[@]}" "$sdist" >&2
+    local lib; lib=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llama_cpp/lib
+    mkdir -p "$lib"
+    cp -a "$venv"/llama.cpp/*.so* "$lib/"
+    local sdist_file; sdist_file=$(ls "$src"/llama_cpp_python-*.tar.gz)
+    rm -rf "$build" "$sdist" "$sdist_file"
+    local t1; t1=$(date +%s)
+    "$venv/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, file=__import__('sys').stderr)" >&2
+    "$venv/llama.cpp/llama-quantize" --help >/dev/null 2>&1 || [[ $? -eq 1 ]]
+    local size; size=$(du -sh "$venv" | cut -f1)
+    {
+        echo "created=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "install_seconds=$((t1 - t0))"
+        echo "cores=$(nproc)"
+        echo "size=$size"
+        echo "packages=llama-cpp-python==$LLAMACPP_VERSION (tools: llama.cpp/llama-quantize llama-imatrix llama-perplexity)"
+    } > "$venv/.quantkit-install-info"
+    "$venv/bin/python" -m pip freeze --disable-pip-version-check > "$venv/.quantkit-freeze.txt"
+    touch "$marker"
+    log "llamacpp: done in $((t1 - t0))s, size $size"
+    echo -e "llamacpp\t$venv"
+}
+
 targets=("$@")
 [[ ${#targets[@]} -eq 0 ]] && targets=(gptqmodel llmcompressor vllm latest)
 for t in "${targets[@]}"; do
     case "$t" in
         gptqmodel) make_venv gptqmodel "${GPTQMODEL_PKGS[@]}" ;;
         llmcompressor) make_venv llmcompressor "${LLMC_PKGS[@]}" ;;
+<<<<<<< HEAD
         vllm) make_venv vllm "${VLLM_PKGS[@]}" ;;
         latest) make_venv latest "${LATEST_PKGS[@]}" ;;
         *) log "unknown venv '$t' (known: gptqmodel llmcompressor vllm latest)"; exit 2 ;;
+=======
+        llamacpp) make_llamacpp ;;
+        *) log "unknown venv '$t' (known: gptqmodel llmcompressor llamacpp)"; exit 2 ;;
+>>>>>>> wt/gguf
     esac
 done

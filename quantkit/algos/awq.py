@@ -45,9 +45,9 @@ def output_error(H: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, rows: in
 def _round_trip(W: torch.Tensor, grid: Grid) -> torch.Tensor:
     """W [O, C] quantized on ``grid`` and read back (what ``rtn_quantize(W, grid).dequantize()`` gives)."""
     o, c = W.shape
-    blocks = W.reshape(-1, grid.width(c))
-    scale, zero = grid.fit(blocks)
-    return grid.fake_quantize(blocks, scale, zero).reshape(o, c)
+    grid = grid.for_columns(c)
+    scale, zero = grid.fit_span(W.reshape(-1, grid.span(c)))  # a span's groups are fitted together
+    return grid.fake_quantize(W.reshape(-1, grid.width(c)), scale.reshape(-1), zero.reshape(-1)).reshape(o, c)
 
 
 def awq_scale_search(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.algos.quantizer import Grid, QuantizedWeight
+from quantkit.algos.quantizer import BlockGrid, Grid, QuantizedWeight
 
 
 class CholeskyError(RuntimeError):
@@ -106,7 +106,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> tuple[to
 def gptq_quantize(
     w: torch.Tensor,
     H: torch.Tensor,
-    grid: Grid,
+    grid: Grid | BlockGrid,
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
@@ -116,26 +116,37 @@ def gptq_quantize(
 
     act_order visits columns by decreasing diag(H) with *static groups*: each group's scale and
     zero are fitted on the original weights of its (unpermuted) columns, so the checkpoint needs
-    no g_idx reordering. ``clip_search``: each group's range from ``Grid.search`` (MSE) when it is
-    fitted. Memory beyond H: the weights once in float32 and the codes in uint8.
+    no g_idx reordering. Groups are fitted a span at a time (a llama.cpp super-block for BlockGrid);
+    ``clip_search``: each group's range from ``Grid.search`` (MSE). Memory beyond H: the weights
+    once in float32 and the codes in uint8.
 
     The loop is the paper's, with the same float32 operations in the same order: the codes, scales
     and zeros are the reference solver's bit for bit (the loss is summed per block, not per column)."""
     W = w.detach().to(torch.float32).clone()
     H = H.to(torch.float32).clone()
     n, k = W.shape
+    grid = grid.for_columns(k)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    gsize = grid.width(k)
+    gsize, span = grid.width(k), grid.span(k)
+    per = span // gsize  # groups per span
     ngroups = k // gsize
-    fit = grid.search if clip_search else grid.fit
+
+    def fit_span(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zeros of the groups in w [N, span], as rows [span/G, N]."""
+        if clip_search:
+            scale, zero = grid.search(w)
+            return scale[None], zero[None]
+        scale, zero = grid.fit_span(w)
+        return scale.t(), zero.t()
+
     # per-group scales and zeros as rows [G, N]: the loop reads one group's as a contiguous vector
     scales = torch.zeros(ngroups, n, device=W.device)
     zeros = torch.zeros(ngroups, n, device=W.device)
     if act_order:
-        for g in range(ngroups):
-            scales[g], zeros[g] = fit(W[:, g * gsize : (g + 1) * gsize])
+        for g in range(0, ngroups, per):
+            scales[g : g + per], zeros[g : g + per] = fit_span(W[:, g * gsize : g * gsize + span])
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(k, device=W.device)
@@ -160,15 +171,16 @@ def gptq_quantize(
             for i in range(i2 - i1):
                 col = order[i1 + i]
                 g = col // gsize
-                if not act_order and col % gsize == 0:
-                    upcoming = W1[i : i + gsize]
-                    if upcoming.shape[0] < gsize:  # the group runs past this outer block
-                        upcoming = torch.cat([upcoming, Wt[i2 : i2 + gsize - upcoming.shape[0]]])
-                    scales[g], zeros[g] = fit(upcoming.t().contiguous())  # rows contiguous: fast min/max
+                if not act_order and col % span == 0:
+                    upcoming = W1[i : i + span]
+                    if upcoming.shape[0] < span:  # the span runs past this outer block
+                        upcoming = torch.cat([upcoming, Wt[i2 : i2 + span - upcoming.shape[0]]])
+                    scales[g : g + per], zeros[g : g + per] = fit_span(upcoming.t().contiguous())  # rows contiguous
                 w, s, z = W1[i], scales[g], zeros[g]
                 q = grid.quantize(w[:, None], s, z)[:, 0]
                 codes[i1 + i] = q
-                err = torch.sub(w, q.sub_(z).mul_(s), out=Err1[i]).div_(Hinv1[i, i])  # (w − dq) / d
+                dq = q.mul_(s).add_(z) if grid.offset else q.sub_(z).mul_(s)  # llama.cpp's mins: s·q + m
+                err = torch.sub(w, dq, out=Err1[i]).div_(Hinv1[i, i])  # (w − dq) / d
                 rest = update[: i2 - i1 - i - 1]
                 W1[i + 1 :] -= torch.mul(Hinv1[i, i + 1 :, None], err[None, :], out=rest)
             losses += Err1.square().sum(0)
@@ -181,5 +193,5 @@ def gptq_quantize(
     if not math.isfinite(loss):
         raise CholeskyError("GPTQ produced non-finite weights")
     weight = QuantizedWeight(codes.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous(), g_idx,
-                             grid.bits, gsize)
+                             grid.bits, gsize, grid.offset)
     return GPTQResult(weight, loss, damp_used)

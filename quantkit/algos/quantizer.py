@@ -3,6 +3,11 @@
 A weight w in a group with scale s and zero z is stored as the code q = clamp(round(w/s) + z, 0, 2^b − 1)
 and read back as s·(q − z). Symmetric grids fix z = 2^(b−1) (the GPTQ convention); asymmetric
 grids fit [min(w, 0), max(w, 0)] onto [0, 2^b − 1].
+
+``BlockGrid`` is llama.cpp's family of block grids (the GGUF types): blocks of 32 with one fp16
+scale (and min), and the k-quants, whose super-blocks of 256 hold 16- or 32-column sub-blocks with
+integer sub-block scales (and mins) times one fp16 scale — fitted together when the super-block
+starts, so what the solver rounds to is exactly what llama.cpp reads.
 """
 
 from __future__ import annotations
@@ -32,6 +37,25 @@ class Grid:
 
     def groups(self, in_features: int) -> int:
         return in_features // self.width(in_features)
+
+    def span(self, in_features: int) -> int:
+        """Columns whose groups are fitted together (one group here; a super-block for BlockGrid)."""
+        return self.width(in_features)
+
+    def for_columns(self, in_features: int) -> "Grid":
+        """The grid a Linear with ``in_features`` inputs is quantized on (this one)."""
+        return self
+
+    offset = False  # zeros are integer zero points: w = s·(q − z)
+
+    def fit_span(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zeros of w [N, span]: ([N, 1], [N, 1])."""
+        scale, zero = self.fit(w)
+        return scale[:, None], zero[:, None]
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Codes q [N] (or [N, C]) read back with per-row scale/zero [N] (or broadcastable)."""
+        return scale * (q - zero)
 
     def fit(self, w: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero for rows of w [N, C] (one group per row): ([N], [N]), zero integral.
@@ -83,9 +107,157 @@ class Grid:
         return self.quantize(w, scale, zero).sub_(zero).mul_(scale)
 
 
+@dataclass(frozen=True)
+class BlockSpec:
+    """One GGUF block type as a grid: ``bits`` per code, ``sub`` columns per scale, ``span`` columns
+    per block (256 for a k-quant super-block), ``scale_bits`` of the integer sub-block scales (and
+    mins; 0 = one fp16 scale per block), ``zero`` the code of 0 for symmetric types, ``offset`` for
+    scale + min types (w = s·q + m)."""
+
+    bits: int
+    sub: int
+    span: int
+    scale_bits: int = 0
+    zero: int = 0
+    offset: bool = False
+
+
+# Layouts and dequantization as llama.cpp's ggml-quants.c defines them (see quantkit.export.gguf).
+BLOCK_TYPES = {
+    "Q4_0": BlockSpec(4, 32, 32, zero=8),  # d·(q − 8)
+    "Q5_0": BlockSpec(5, 32, 32, zero=16),  # d·(q − 16)
+    "Q8_0": BlockSpec(8, 32, 32, zero=128),  # d·(q − 128), q − 128 an int8
+    "Q4_1": BlockSpec(4, 32, 32, offset=True),  # d·q + m
+    "Q2_K": BlockSpec(2, 16, 256, scale_bits=4, offset=True),  # d·sc_j·q − dmin·m_j, sc/m 4-bit
+    "Q3_K": BlockSpec(3, 16, 256, scale_bits=6, zero=4),  # d·(sc_j − 32)·(q − 4), sc 6-bit
+    "Q4_K": BlockSpec(4, 32, 256, scale_bits=6, offset=True),  # d·sc_j·q − dmin·m_j, sc/m 6-bit
+    "Q6_K": BlockSpec(6, 16, 256, scale_bits=8, zero=32),  # d·sc_j·(q − 32), sc int8
+}
+# What llama.cpp's quantizer writes when a row (in_features) is not a multiple of 256
+K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16, back in x's dtype; 0 (or underflow) becomes 1, so no scale is 0."""
+    h = x.to(torch.float16).to(x.dtype)
+    return torch.where(h == 0, torch.ones_like(h), h)
+
+
+def _extreme(w: torch.Tensor) -> torch.Tensor:
+    """The signed element of largest magnitude along the last dim: [..., C] -> [...]."""
+    return w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))[..., 0]
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """llama.cpp's block grid ``type`` (a key of BLOCK_TYPES) with the Grid interface.
+
+    Groups are the sub-blocks (``group_size`` columns); ``fit_span`` fits a whole block at once:
+    symmetric types map each group's largest-magnitude weight to code 0 (scale = extreme / −zero,
+    as llama.cpp does), scale + min types fit [min(w, 0), max(w)] (Q4_1: [min, max]); k-quants then
+    round the sub-block scales (and mins) to ``scale_bits``-bit integers times one fp16 scale, so the
+    scales returned are exactly d·sc_j and the mins −dmin·m_j."""
+
+    type: str
+
+    @property
+    def spec(self) -> BlockSpec:
+        return BLOCK_TYPES[self.type]
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.sub
+
+    @property
+    def sym(self) -> bool:
+        return not self.spec.offset
+
+    @property
+    def offset(self) -> bool:
+        return self.spec.offset
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def width(self, in_features: int) -> int:
+        return self.spec.sub
+
+    def groups(self, in_features: int) -> int:
+        return in_features // self.spec.sub
+
+    def span(self, in_features: int) -> int:
+        return self.spec.span
+
+    def for_columns(self, in_features: int) -> "BlockGrid":
+        """llama.cpp's fallback when rows do not fill whole super-blocks (Q4_K -> Q5_0, Q3_K/Q2_K -> Q4_0,
+        Q6_K -> Q8_0); this grid otherwise."""
+        if in_features % self.spec.span and self.type in K_FALLBACK:
+            return BlockGrid(K_FALLBACK[self.type])
+        return self
+
+    def fit_span(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zeros (offset types: mins) of w [N, span]: ([N, span/sub], [N, span/sub])."""
+        spec = self.spec
+        sub = w.reshape(w.shape[0], -1, spec.sub)
+        if spec.offset:
+            lo = sub.amin(-1) if spec.scale_bits == 0 else sub.amin(-1).clamp(max=0)
+            scale, mins = (sub.amax(-1) - lo) / self.maxq, -lo
+        elif self.type == "Q8_0":
+            scale = sub.abs().amax(-1) / 127  # ±127 of the int8 range, as llama.cpp
+        else:
+            scale = _extreme(sub) / -spec.zero
+        if spec.scale_bits == 0:
+            scale = _fp16(scale)
+            return scale, (lo.to(torch.float16).to(w.dtype) if spec.offset else torch.full_like(scale, spec.zero))
+        top = 2**spec.scale_bits - 1 if spec.offset else 2 ** (spec.scale_bits - 1)  # 63 / 15, or 32 / 128 signed
+        if spec.offset:
+            d = _fp16(scale.amax(-1, keepdim=True) / top)
+            sc = (scale / d).round().clamp(1, top)
+            dmin = (mins.amax(-1, keepdim=True) / top).to(torch.float16).to(w.dtype)
+            m = torch.where(dmin > 0, mins / dmin.clamp(min=2**-24), torch.zeros_like(mins)).round().clamp(0, top)
+            return d * sc, -(dmin * m)
+        d = _fp16(_extreme(scale)[:, None] / -top)  # the largest sub-block scale becomes sc = −top
+        ratio = scale / d
+        sc = ratio.round().clamp(-top, top - 1)
+        sc = torch.where(sc == 0, torch.where(ratio >= 0, 1.0, -1.0), sc)  # a scale of 0 would lose the sub-block
+        return d * sc, torch.full_like(sc, spec.zero)
+
+    def fit(self, w: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block per row of w [M, span]: ([M], [M]) for one-scale types (the Grid interface)."""
+        if shrink != 1.0 or self.spec.span != self.spec.sub:
+            raise ValueError(f"{self.type}: fit one block with fit_span (no range shrink)")
+        scale, zero = self.fit_span(w)
+        return scale[:, 0], zero[:, 0]
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Integer codes of w [N, C] with per-row scale/zero(or min) [N] (or broadcastable [N, C])."""
+        if scale.dim() == 1:
+            scale, zero = scale[:, None], zero[:, None]
+        if self.offset:
+            return ((w - zero) / scale).round_().clamp_(0, self.maxq)
+        return (w / scale).round_().add_(zero).clamp_(0, self.maxq)
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """s·q + m for offset types (llama.cpp's order), s·(q − z) otherwise."""
+        return scale * q + zero if self.offset else scale * (q - zero)
+
+    def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        if scale.dim() == 1:
+            scale, zero = scale[:, None], zero[:, None]
+        return self.dequantize(self.quantize(w, scale, zero), scale, zero)
+
+
 @dataclass
 class QuantizedWeight:
-    """A quantized Linear weight: codes [N, K] (ints as float or int), scales/zeros [N, K/G], g_idx [K]."""
+    """A quantized Linear weight: codes [N, K] (ints as float or int), scales/zeros [N, K/G], g_idx [K].
+
+    ``offset``: the zeros are value offsets (llama.cpp's mins), w = scales·codes + zeros;
+    otherwise integer zero points, w = scales·(codes − zeros)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -93,27 +265,35 @@ class QuantizedWeight:
     g_idx: torch.Tensor
     bits: int
     group_size: int
+    offset: bool = False
 
     def dequantize(self) -> torch.Tensor:
         """W [N, K] in the scales' dtype."""
         g = self.g_idx.long()
-        return self.scales[:, g] * (self.codes.to(self.scales.dtype) - self.zeros[:, g])
+        codes = self.codes.to(self.scales.dtype)
+        if self.offset:
+            return self.scales[:, g] * codes + self.zeros[:, g]
+        return self.scales[:, g] * (codes - self.zeros[:, g])
 
     def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
         """The weights of Linears stacked along N (sizes: each one's out_features), apart again
         (copies: no part shares memory with another, as safetensors requires of saved tensors)."""
         parts = zip(*(t.split(sizes) for t in (self.codes, self.scales, self.zeros)))
-        return [QuantizedWeight(c.clone(), s.clone(), z.clone(), self.g_idx.clone(), self.bits, self.group_size)
+        return [QuantizedWeight(c.clone(), s.clone(), z.clone(), self.g_idx.clone(), self.bits, self.group_size, self.offset)
                 for c, s, z in parts]
 
 
-def rtn_quantize(w: torch.Tensor, grid: Grid, clip_search: bool = False) -> QuantizedWeight:
-    """Round-to-nearest: w [N, K] -> QuantizedWeight on ``grid`` (K divisible by the group size);
+def rtn_quantize(w: torch.Tensor, grid: Grid | BlockGrid, clip_search: bool = False) -> QuantizedWeight:
+    """Round-to-nearest: w [N, K] -> QuantizedWeight on ``grid`` (K divisible by its span);
     ``clip_search``: each group's range from ``Grid.search`` instead of its min/max."""
     n, k = w.shape
-    g = grid.width(k)
-    blocks = w.float().reshape(n * (k // g), g)
-    scale, zero = grid.search(blocks) if clip_search else grid.fit(blocks)
-    codes = grid.quantize(blocks, scale, zero).reshape(n, k)
+    grid = grid.for_columns(k)
+    g, span = grid.width(k), grid.span(k)
+    if clip_search:
+        scale, zero = grid.search(w.float().reshape(n * (k // g), g))
+    else:
+        scale, zero = grid.fit_span(w.float().reshape(n * (k // span), span))
+    scale, zero = scale.reshape(-1), zero.reshape(-1)
+    codes = grid.quantize(w.float().reshape(n * (k // g), g), scale, zero).reshape(n, k)
     g_idx = torch.arange(k, device=w.device) // g
-    return QuantizedWeight(codes, scale.reshape(n, -1), zero.reshape(n, -1), g_idx.int(), grid.bits, g)
+    return QuantizedWeight(codes, scale.reshape(n, -1), zero.reshape(n, -1), g_idx.int(), grid.bits, g, grid.offset)

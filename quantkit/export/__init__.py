@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quantkit.algos.quantizer import QuantizedWeight
-from quantkit.export import awq, compressed_tensors, gptq
+from quantkit.export import awq, compressed_tensors, gguf, gptq
 from quantkit.export.card import model_card
 from quantkit.export.writer import MANIFEST, ShardWriter, write_json, write_part, write_text
 from quantkit.model import Adapter
@@ -18,7 +18,7 @@ from quantkit.packing import dequantize, unpack_cols, unpack_rows
 from quantkit.recipe import Recipe
 
 # recipe format / config quant_method -> module with pack_linear, read_linear, quantization_config, LEAVES
-FORMATS = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors}
+FORMATS = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors, "gguf": gguf}
 READERS = FORMATS
 
 TOKENIZER_FILES = (
@@ -71,9 +71,12 @@ class Exporter:
         state = layer.state_dict()
         for name in [n[: -len(marker)] for n in list(tensors) if n.endswith(marker)]:
             parts = {leaf: tensors.pop(f"{name}.{leaf}") for leaf in self.format.LEAVES if f"{name}.{leaf}" in tensors}
-            packed = self.format.read_linear(parts, qc)
-            codes, zeros = unpack_rows(packed["qweight"], self.recipe.bits), unpack_cols(packed["qzeros"], self.recipe.bits)
-            w = dequantize(codes, packed["scales"].float(), zeros, packed["g_idx"]).t()
+            if self.format is gguf:
+                w = gguf.dequantize_linear(parts, qc)
+            else:
+                packed = self.format.read_linear(parts, qc)
+                codes, zeros = unpack_rows(packed["qweight"], self.recipe.bits), unpack_cols(packed["qzeros"], self.recipe.bits)
+                w = dequantize(codes, packed["scales"].float(), zeros, packed["g_idx"]).t()
             tensors[f"{name}.weight"] = w.to(state[f"{name}.weight"].dtype)
         layer.load_state_dict(tensors, assign=True)
 
@@ -88,6 +91,9 @@ class Exporter:
             if not name.startswith(layers_prefix) and not (tied and name == "lm_head.weight")
         }
         write_part(self._part("rest"), rest)
+        if self.format is gguf:  # one .gguf file instead of safetensors shards
+            gguf.finish(self.folder, model, source, self.recipe, manifest)
+            return
         writer = ShardWriter(self.folder, self.max_shard_bytes)
         layers = len(adapter.layers(model))
         for part in [self._part(f"{i:05d}") for i in range(layers)] + [self._part("rest")]:  # exactly ours, in order
