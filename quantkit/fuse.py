@@ -29,6 +29,8 @@ def check_rotatable(model: nn.Module, adapter: Adapter) -> None:
     """Refuse models whose norms cannot be folded (e.g. Gemma's (1 + w) or post-norms)."""
     if getattr(model.config, "model_type", "").startswith("gemma"):
         raise QuantkitError("--rotate does not support Gemma-style norms; quantize without --rotate")
+    if adapter.moe is not None:
+        raise QuantkitError(f"--rotate does not support mixture-of-experts models ({adapter.name}) yet; quantize without --rotate")
     _check_rms_norm(adapter.final_norm(model), "the final norm")
     for i, layer in enumerate(adapter.layers(model)):
         for norm_name, _ in adapter.norm_readers:

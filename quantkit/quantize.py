@@ -69,7 +69,7 @@ def quantize_model(
         exporter.restore_layer(i, f"{prefix}.{i}", layer)
 
     walk = quantize_layers(model, adapter, tokens, recipe, device, show_progress, offload=offload,
-                           weights=weights, restore=restore, start=start, world=world)
+                           weights=weights, restore=restore, start=start, world=world, experts_sink=exporter)
     for i, results in walk:
         if exporter is not None:
             exporter.add_layer(i, f"{prefix}.{i}", layers[i], results)
@@ -175,7 +175,7 @@ def run(
         state = ResumeState(tmp, recipe.to_dict(), source, _sha256(tokens))
         state.save()
     try:
-        exporter = Exporter(tmp, recipe, max_shard_bytes)
+        exporter = Exporter(tmp, recipe, max_shard_bytes, adapter)
         quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state, world)
         seconds = time.perf_counter() - started
         extra = {"source_bytes": _folder_bytes(Path(source))}

