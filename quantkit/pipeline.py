@@ -618,9 +618,9 @@ def _quantize_moe(layer: nn.Module, block: nn.Module, bank: ExpertBank, inputs: 
             counts += torch.bincount(experts.reshape(-1), minlength=bank.count).to(counts)
         coverage = Coverage([int(c) for c in world.sum_(counts).tolist()], MIN_EXPERT_TOKENS)
         if coverage.fallback:
-            warn(f"layer {i}: experts {', '.join(map(str, coverage.fallback))} received fewer than {MIN_EXPERT_TOKENS} "
-                 f"calibration tokens ({', '.join(str(coverage.tokens[e]) for e in coverage.fallback)}): "
-                 "their statistics use all of the layer's tokens (all-experts fallback)")
+            names = ", ".join(f"expert {e} ({coverage.tokens[e]} tokens)" for e in coverage.fallback)
+            warn(f"layer {i}: {names} routed fewer than {MIN_EXPERT_TOKENS} calibration tokens: calibrated on all of "
+                 "the layer's tokens instead (all-experts fallback)")
         if experts_sink is not None:
             experts_sink.add_coverage(i, coverage.summary())
     for e in range(bank.count):
@@ -680,6 +680,7 @@ def _restored_forward(layer: nn.Module, block: nn.Module | None, adapter: Adapte
     if block is None:
         layer.to(device, torch.float32)
         return _forward(layer, inputs)
+    reuse = BlockReuse(layer, adapter.for_layer(layer), inputs.storage)
     bank = ExpertBank.take(block, adapter.moe, prefix)
     layer.to(device, torch.float32)
     routed = _route_inputs(layer, block, adapter.moe, inputs, None, None)
@@ -689,7 +690,6 @@ def _restored_forward(layer: nn.Module, block: nn.Module | None, adapter: Adapte
         _add_expert_output(outputs, routed, picks, *bank.get(e, device), bank.act)
     if adapter.moe.shared is not None:
         _add_shared_output(outputs, routed, block, adapter.moe, device)
-    reuse = BlockReuse(layer, adapter.for_layer(layer), inputs.storage)
     reuse.set_output(block, outputs)
     hidden = _forward(layer, inputs, reuse)
     bank.give_back(block)

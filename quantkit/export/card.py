@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from quantkit.moe import coverage_table
 from quantkit.recipe import Recipe
 
 MODEL = "path/to/this-model"  # placeholder in the snippets: the export folder or its Hub repo id
@@ -68,6 +69,13 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
     ]
     if manifest.get("metrics"):
         lines += ["", "## Measured quality", "", *_table(manifest["metrics"])]
+    if manifest.get("experts"):
+        lines += ["", "## Expert calibration coverage", "",
+                  "Calibration tokens the router sent to each routed expert. An expert that received fewer than "
+                  f"{next(iter(manifest['experts'].values()))['min_tokens']} was calibrated on all of its layer's tokens "
+                  "(all-experts fallback: statistics ignore the routing, the layer's output does not). "
+                  "The routers (and the shared-expert gates) are not quantized.", "",
+                  *coverage_table(manifest["experts"])]
     lines += [
         "",
         "## Use",
