@@ -121,3 +121,20 @@ def tiny_moe(tmp_path_factory):
         return made[key]
 
     return make
+
+
+def make_moe_export(root: Path, model_type: str = "mixtral", fmt: str = "gptq", bits: int = 4) -> Path:
+    """A quantized export (``root``/export) of a tiny random MoE checkpoint with sizes vLLM's MoE
+    kernels take (hidden and expert intermediate 128, head size 32, group size 128): for interop
+    tests that load exports in other stacks (tests/test_vllm.py). About 10 s on one CPU core."""
+    from quantkit.quantize import run
+    from quantkit.recipe import Recipe
+    from quantkit.testmodel import make_tiny_moe
+
+    root.mkdir(parents=True, exist_ok=True)
+    source = make_tiny_moe(root / "source", model_type, make_tokenizer(root / "tokenizer"))
+    (root / "calib.txt").write_text(make_text(4000, seed=2))
+    recipe = Recipe(bits=bits, group_size=128, sym=True, format=fmt, nsamples=8, seqlen=64)
+    run(str(source), root / "export", recipe, calibration=str(root / "calib.txt"), force=True, show_progress=False,
+        keep_model=False)
+    return root / "export"

@@ -227,3 +227,28 @@ def test_peak_rss_grows_less_than_the_added_experts(tiny_moe, calib_text, tmp_pa
     print(f"peak RSS 4 experts {rss[4] / 2**20:.0f} MiB, 16 experts {rss[16] / 2**20:.0f} MiB; "
           f"12 more experts: {added / 2**20:.0f} MiB")
     assert growth < 0.5 * added
+
+
+def test_two_data_parallel_processes_give_the_single_process_export(tiny_moe, calib_text, tmp_path):
+    """Expert solves are spread over the ranks (expert e on rank e mod 2) and shared; token counts
+    and Hessians are summed over both ranks' batches."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # 40 windows of 128 tokens = 2 forward batches (32 + 8): one per rank
+    args = [str(tiny_moe("qwen2_moe")), "--calibration", str(calib_text), "--nsamples", "40", "--seqlen", "128",
+            "--group-size", "64", "--quiet"]
+    single = [sys.executable, "-m", "quantkit", "quantize"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "quantkit",
+                "quantize"]
+    subprocess.run(single + [args[0], str(tmp_path / "single")] + args[1:], env=env, check=True, capture_output=True)
+    r = subprocess.run(torchrun + [args[0], str(tmp_path / "dp")] + args[1:], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert export_files(tmp_path / "dp") == export_files(tmp_path / "single")
+
+
+def test_make_moe_export_builds_a_loadable_export(tmp_path):
+    from conftest import make_moe_export
+
+    out = make_moe_export(tmp_path / "vllm-moe", "qwen2_moe", "compressed-tensors")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["ignore"][1:] == ["re:.*mlp\\.gate$", "re:.*mlp\\.shared_expert_gate$"]
+    assert load_quantized(out, dtype=torch.float32).config.num_experts == 4
