@@ -81,10 +81,10 @@ MOE_CONFIGS = {  # transformers' config keys for E routed experts of intermediat
 
 
 def make_tiny_moe(folder: Path, model_type: str, tokenizer, experts: int = 4, layers: int = 2, hidden: int = 128,
-                  intermediate: int = 128, seed: int = 0) -> Path:
+                  intermediate: int = 128, seed: int = 0, **overrides) -> Path:
     """Save a random mixture-of-experts checkpoint (``model_type`` in MOE_CONFIGS, transformers'
     own classes and on-disk names) with ``tokenizer`` to ``folder``. Sizes suit vLLM's MoE kernels
-    (hidden and expert intermediate sizes multiples of 128, head size 32)."""
+    (hidden and expert intermediate sizes multiples of 128, head size 32); ``overrides``: other config keys."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -94,7 +94,7 @@ def make_tiny_moe(folder: Path, model_type: str, tokenizer, experts: int = 4, la
         model_type, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         head_dim=hidden // 4, vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        **MOE_CONFIGS[model_type](experts, intermediate),
+        **{**MOE_CONFIGS[model_type](experts, intermediate), **overrides},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

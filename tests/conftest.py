@@ -115,7 +115,7 @@ def tiny_moe(tmp_path_factory):
     made = {}
 
     def make(model_type: str, **sizes) -> Path:
-        key = (model_type, tuple(sorted(sizes.items())))
+        key = (model_type, repr(sorted(sizes.items())))
         if key not in made:
             made[key] = make_tiny_moe(root / f"{model_type}-{len(made)}", model_type, tokenizer, **sizes)
         return made[key]

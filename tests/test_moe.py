@@ -47,7 +47,8 @@ def stored_names(folder: Path) -> set[str]:
 @pytest.mark.parametrize("model_type, fmt", [("mixtral", "gptq"), ("qwen2_moe", "compressed-tensors"),
                                              ("qwen3_moe", "gptq")])
 def test_export_loads_back_to_the_in_memory_quantized_model(tiny_moe, calib_text, tmp_path, model_type, fmt):
-    source = tiny_moe(model_type)
+    # Qwen3-MoE: its last layer dense (mlp_only_layers), as some checkpoints mix them
+    source = tiny_moe(model_type, layers=3, mlp_only_layers=[2]) if model_type == "qwen3_moe" else tiny_moe(model_type)
     result = quantize(source, tmp_path / "out", calib_text, format=fmt)
     names = stored_names(tmp_path / "out")
     block, (g, u, d) = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}.get(
@@ -58,6 +59,9 @@ def test_export_loads_back_to_the_in_memory_quantized_model(tiny_moe, calib_text
             assert {f"model.layers.{layer}.{block}.experts.{e}.{n}.{leaf}" for n in (g, u, d)} <= names
         assert f"model.layers.{layer}.{block}.gate.weight" in names  # the router stays unquantized
     assert not any("gate_up_proj" in n or ".experts.down_proj" in n for n in names), "no fused tensors on disk"
+    if model_type == "qwen3_moe":
+        assert {f"model.layers.2.mlp.{n}.{leaf}" for n in (g, u, d)} <= names and not any(".2.mlp.experts" in n for n in names)
+        assert "model.layers.2" not in json.loads((tmp_path / "out" / "quantkit.json").read_text())["experts"]
     if model_type == "qwen2_moe":
         assert f"model.layers.0.mlp.shared_expert.down_proj.{leaf}" in names
         assert "model.layers.0.mlp.shared_expert_gate.weight" in names
