@@ -79,7 +79,7 @@ def check_shapes(layer: nn.Module, index: int, adapter: Adapter, recipe: Recipe)
     block = adapter.moe_block(layer)
     if block is not None:
         experts = block.get_submodule(adapter.moe.experts)
-        count, hidden, inter = experts.down_proj.shape
+        _, hidden, inter = experts.down_proj.shape
         shapes.update({f"{adapter.moe.block}.experts gate/up": (2 * inter, hidden), f"{adapter.moe.block}.experts down": (hidden, inter)})
         if adapter.moe.shared is not None:
             shared = f"{adapter.moe.block}.{adapter.moe.shared}"
@@ -295,7 +295,7 @@ def quantize_layers(
     puts back their quantized tensors, and they are only run to recompute the next inputs.
     ``world``: data-parallel processes sharing the calibration batches (see quantkit.distributed).
     MoE layers: the routed experts are not in the yielded results; each is handed to
-    ``experts_sink.add_experts(i, {checkpoint name: quantized weight})`` as soon as it is solved,
+    ``experts_sink.add_experts(i, e, {checkpoint name: quantized weight})`` as soon as it is solved,
     and the layer's calibration coverage to ``experts_sink.add_coverage(i, summary)``."""
     layers = adapter.layers(model)
     grid = recipe.grid
@@ -626,7 +626,7 @@ def _quantize_moe(layer: nn.Module, block: nn.Module, bank: ExpertBank, inputs: 
     for e in range(bank.count):
         progress.stage(i, f"expert {e}/{bank.count}")
         gate, up, down = bank.get(e, device)
-        picks = stats = []
+        picks, stats = [], []
         if routed is not None:
             picks = [torch.where(experts == e) for experts in routed.experts]  # (tokens, slots) per batch
             everything = e in coverage.fallback
