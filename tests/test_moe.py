@@ -256,3 +256,10 @@ def test_make_moe_export_builds_a_loadable_export(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["ignore"][1:] == ["re:.*mlp\\.gate$", "re:.*mlp\\.shared_expert_gate$"]
     assert load_quantized(out, dtype=torch.float32).config.num_experts == 4
+
+
+def test_rotate_is_refused_for_moe_models(tiny_moe, tmp_path):
+    r = CliRunner().invoke(cli, ["quantize", str(tiny_moe("mixtral")), str(tmp_path / "out"), "--method", "rtn", "--rotate"])
+    assert r.exit_code == 1 and r.exc_info[0] is SystemExit
+    assert "--rotate does not support mixture-of-experts models (mixtral) yet; quantize without --rotate" in r.stderr
+    assert not (tmp_path / "out").exists()
