@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.algos.rotation import rotate_input, rotate_output
 from quantkit.checkpoint import WeightSource
 from quantkit.errors import QuantkitError
 from quantkit.model import MoeSpec
@@ -46,7 +47,8 @@ class ExpertBank:
     They come from transformers' fused parameters (gate_up_proj [E, 2I, C], down_proj [E, C, I])
     or, when the layer streams from the checkpoint (``weights``), from its per-expert tensors
     ``{prefix}.{spec.expert_names(e)}.weight``; ``put`` writes an expert's quantized weights back
-    into the fused parameters (a streamed layer keeps nothing)."""
+    into the fused parameters (a streamed layer keeps nothing). With ``rotation`` set, ``get``
+    returns the expert rotated (RSQ's R1), and ``put`` receives it so."""
 
     @classmethod
     def take(cls, block: nn.Module, spec: MoeSpec, prefix: str, weights: WeightSource | None = None) -> ExpertBank:
@@ -70,6 +72,7 @@ class ExpertBank:
                 f"{(self.count, 2 * self.inter, self.hidden)} (transformers' fused [E, 2I, C] layout)"
             )
         self.act = experts.act_fn
+        self.rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # (diag(γ) Q, Q): see fuse.rotate_moe_block
 
     def get(self, e: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.streamed:
@@ -80,6 +83,9 @@ class ExpertBank:
             gate_up = self.experts.gate_up_proj[e]
             gate, up, down = gate_up[: self.inter], gate_up[self.inter :], self.experts.down_proj[e]
         out = tuple(w.to(device, torch.float32) for w in (gate, up, down))
+        if self.rotation is not None:
+            scaled, Q = self.rotation
+            out = (rotate_input(out[0], scaled), rotate_input(out[1], scaled), rotate_output(out[2], Q))
         if not all(torch.isfinite(w).all() for w in out):
             raise QuantkitError(f"NaN or Inf in the weights of {self.prefix} expert {e}: the checkpoint is damaged")
         return out

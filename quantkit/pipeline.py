@@ -26,7 +26,7 @@ from quantkit.algos.quantizer import QuantizedWeight, rtn_quantize
 from quantkit.checkpoint import WeightSource
 from quantkit.distributed import World
 from quantkit.errors import QuantkitError
-from quantkit.fuse import check_rotatable, rotate_layer, rotate_model_ends, scale_readers
+from quantkit.fuse import check_rotatable, rotate_layer, rotate_model_ends, rotate_moe_block, scale_readers
 from quantkit.model import Adapter
 from quantkit.moe import MIN_EXPERT_TOKENS, Coverage, ExpertBank, expert_hidden, expert_mlp, route
 from quantkit.progress import LayerProgress, warn
@@ -334,6 +334,9 @@ def quantize_layers(
                     raise QuantkitError(f"NaN or Inf in the weights of layer {i} ({name}): the checkpoint is damaged")
             if rotation is not None:
                 rotate_layer(layer, layer_adapter, rotation.Q, rotation.R2, rotation.head_dim)
+                if bank is not None:
+                    norm = next(n for n, readers in adapter.norm_readers if readers[0].startswith(adapter.moe.block + "."))
+                    bank.rotation = rotate_moe_block(block, adapter.moe, layer.get_submodule(norm), rotation.Q)
             importance = None
             if inputs is not None:
                 progress.stage(i, "importance")

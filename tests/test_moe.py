@@ -258,8 +258,17 @@ def test_make_moe_export_builds_a_loadable_export(tmp_path):
     assert load_quantized(out, dtype=torch.float32).config.num_experts == 4
 
 
-def test_rotate_is_refused_for_moe_models(tiny_moe, tmp_path):
-    r = CliRunner().invoke(cli, ["quantize", str(tiny_moe("mixtral")), str(tmp_path / "out"), "--method", "rtn", "--rotate"])
-    assert r.exit_code == 1 and r.exc_info[0] is SystemExit
-    assert "--rotate does not support mixture-of-experts models (mixtral) yet; quantize without --rotate" in r.stderr
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_rotated_moe_keeps_its_function_and_exports(tiny_moe, calib_text, tmp_path, model_type):
+    """RSQ's rotation through an MoE block: router, shared expert and its gate rotated in place,
+    each routed expert as it is fetched. At 8 bits the rotated model stays the FP model; a missed
+    reader or writer scrambles the residual stream. Measured (relative logit error, 8-bit): rotated
+    0.014-0.015, unrotated 0.018-0.031, routed experts left unrotated 0.40."""
+    from quantkit.model import load_model
+
+    source = tiny_moe(model_type)
+    result = quantize(source, tmp_path / "out", calib_text, bits=8, rotate=True, format="compressed-tensors")
+    fp, _, _ = load_model(str(source))
+    a, b = logits(fp), logits(result.model)
+    assert (a - b).norm() < 0.1 * a.norm()
+    torch.testing.assert_close(logits(load_quantized(tmp_path / "out", dtype=torch.float32)), b, rtol=0, atol=1e-5)
