@@ -81,10 +81,10 @@ def test_export_loads_back_to_the_in_memory_quantized_model(tiny_moe, calib_text
 def test_streaming_run_writes_the_in_memory_runs_export(tiny_moe, calib_text, tmp_path):
     """The CLI streams each layer (and each expert) from the checkpoint; the export is the same."""
     source = tiny_moe("qwen2_moe")
-    quantize(source, tmp_path / "memory", calib_text, bits=3, sym=False, format="compressed-tensors")
+    quantize(source, tmp_path / "memory", calib_text, bits=3, sym=False, format="compressed-tensors", rotate=True)
     r = CliRunner().invoke(cli, ["quantize", str(source), str(tmp_path / "streamed"), "--calibration", str(calib_text),
                                  "--nsamples", "8", "--seqlen", "64", "--group-size", "64", "--bits", "3", "--asym",
-                                 "--format", "compressed-tensors", "--quiet"])
+                                 "--format", "compressed-tensors", "--rotate", "--quiet"])
     assert r.exit_code == 0, r.output
     assert export_files(tmp_path / "streamed") == export_files(tmp_path / "memory")
 
