@@ -449,9 +449,8 @@ def _input_statistics(layer, modules: dict[str, nn.Module], inputs: LayerInputs,
     _observe_inputs(layer, observed, inputs, importance, record, reuse)
     stats = {}
     for name, h in hessians.items():
-        inputs.world.sum_(h.sum)
+        _combined(h, inputs.world)
         inputs.world.sum_(sums[name])
-        h.tokens = int(inputs.world.sum_(torch.tensor(h.tokens, dtype=torch.float64, device=h.sum.device)).item())
         stats[name] = InputStats((sums[name] / max(h.tokens, 1)).float(), h)
     return {name: stats[owners[name]] for name in modules}
 
@@ -584,23 +583,21 @@ def _solve_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act, st
     [C, I] on H(act(gate_q x) ⊙ up_q x). ``stats``: the (x [T, C], r [T]) batches its statistics
     come from. Returns the quantized (gate, up, down), each solved on rank ``owner`` and shared."""
     solved = []
-    for rows, reads in (((gate, up), None), ((down,), "hidden")):
+    for part, rows in (("gate/up", (gate, up)), ("down", (down,))):
         started = time.perf_counter()
         weight = torch.cat(rows) if len(rows) > 1 else rows[0]
         hessian = None
         if recipe.method == "gptq":
             hessian = Hessian(weight.shape[1], weight.device)
+            gate_up = [w.dequantize() for w in solved]  # the quantized gate, up (for down's inputs)
             for x, r in stats:
                 x = x.to(weight.device)
-                if reads == "hidden":
-                    x = expert_hidden(x, solved[0].dequantize(), solved[1].dequantize(), act)
-                hessian.add_batch(x, r)
+                hessian.add_batch(expert_hidden(x, *gate_up, act) if gate_up else x, r)
             hessian = _combined(hessian, world)
-        label = f"{where} {'gate/up' if reads is None else 'down'}"
-        q, loss = _quantize_weight(weight, hessian, recipe, grid, label) if world.owns(owner) else (None, None)
+        q, loss = _quantize_weight(weight, hessian, recipe, grid, f"{where} {part}") if world.owns(owner) else (None, None)
         q, loss = world.share(owner % world.size, q, loss, weight)
         solved += q.split_rows([w.shape[0] for w in rows])
-        progress.module(i, n, label.split(" ", 2)[-1], time.perf_counter() - started, loss)
+        progress.module(i, n, f"{where.split(' ', 2)[-1]} {part}", time.perf_counter() - started, loss)
     return solved
 
 
@@ -645,7 +642,6 @@ def _quantize_moe(layer: nn.Module, block: nn.Module, bank: ExpertBank, inputs: 
     results = {}
     if spec.shared is not None:
         shared = block.get_submodule(spec.shared)
-        shared_gate = block.get_submodule(spec.shared_gate)
         linears = [shared.gate_proj, shared.up_proj, shared.down_proj]
         stats = list(zip(routed.x, routed.r)) if routed is not None else []
         q = _solve_mlp(*(m.weight.data for m in linears), shared.act_fn, stats, recipe, grid, world, 0,
