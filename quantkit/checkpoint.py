@@ -122,11 +122,13 @@ class WeightSource:
                 out.update({name: fh.get_tensor(name) for name in group})
         return out
 
-    def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype) -> None:
-        """Fill ``module`` (possibly on meta) with the checkpoint's tensors under ``prefix.``."""
-        names = {f"{prefix}.{n}" if prefix else n: n for n in module.state_dict()}
+    def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype, only: dict[str, str] | None = None) -> None:
+        """Fill ``module`` (possibly on meta) with the checkpoint's tensors under ``prefix.``;
+        ``only``: just these {state name: checkpoint name} (the rest stays as it is)."""
+        only = only if only is not None else {n: n for n in module.state_dict()}
+        names = {f"{prefix}.{c}" if prefix else c: n for n, c in only.items()}
         state = {names[k]: t.to(dtype) if t.is_floating_point() else t for k, t in self.read(list(names)).items()}
-        module.load_state_dict(state, assign=True)
+        module.load_state_dict(state, strict=len(only) == len(module.state_dict()), assign=True)
 
 
 def check_layer_count(config, names, layers_path: str, where: Path) -> int:

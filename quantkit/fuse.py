@@ -14,7 +14,7 @@ from quantkit.algos.rotation import (
     rotate_output,
 )
 from quantkit.errors import QuantkitError
-from quantkit.model import Adapter
+from quantkit.model import Adapter, MoeSpec
 
 
 def _check_rms_norm(norm: nn.Module, where: str) -> None:
@@ -74,6 +74,24 @@ def rotate_layer(layer: nn.Module, adapter: Adapter, Q: torch.Tensor, R2: torch.
         if v.bias is not None:
             v.bias.data = rotate_heads_input(v.bias.data[None], R2, head_dim)[0]
         o.weight.data = rotate_heads_input(o.weight.data, R2, head_dim)
+
+
+@torch.no_grad()
+def rotate_moe_block(block: nn.Module, spec: MoeSpec, norm: nn.Module, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold the MoE block's input norm γ and rotate the block's own readers and writers of the
+    residual stream: the router and the shared expert's gate (unquantized, exact), the shared
+    expert. Returns (diag(γ) Q, Q): the routed experts' gate/up read through the first and their
+    down writes through the second, applied as each expert is fetched (``ExpertBank.rotation``)."""
+    scaled = _scaled_rows(Q, norm.weight)
+    readers = [block.get_submodule(spec.router)]
+    if spec.shared is not None:
+        shared = block.get_submodule(spec.shared)
+        readers += [shared.gate_proj, shared.up_proj, block.get_submodule(spec.shared_gate)]
+        shared.down_proj.weight.data = rotate_output(shared.down_proj.weight.data, Q)
+    for module in readers:
+        module.weight.data = rotate_input(module.weight.data, scaled)
+    norm.weight.data.fill_(1)
+    return scaled, Q
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +52,8 @@ class Adapter:
     value_proj: str = "self_attn.v_proj"
     attn_out_proj: str = "self_attn.o_proj"
 
+    moe: MoeSpec | None = None  # mixture-of-experts layers (None: every layer is dense)
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
 
@@ -84,7 +86,86 @@ class Adapter:
         return [model.model.embed_tokens, model.model.rotary_emb]
 
 
+    def moe_block(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's sparse MoE block (router + experts), or None for a dense layer (e.g. a
+        Qwen2-MoE layer listed in ``mlp_only_layers``)."""
+        if self.moe is None:
+            return None
+        block = layer.get_submodule(self.moe.block)
+        return block if hasattr(block, "experts") else None
+
+    def for_layer(self, layer: nn.Module) -> Adapter:
+        """This adapter as the dense walk sees ``layer``: for an MoE layer only the attention
+        Linears (the experts, the shared expert and their statistics are the MoE stage's)."""
+        if self.moe_block(layer) is None:
+            return self
+        mlp = self.moe.block + "."
+        return replace(
+            self,
+            sequential=tuple(g for g in self.sequential if not g[0].startswith(mlp)),
+            norm_readers=tuple(r for r in self.norm_readers if not r[1][0].startswith(mlp)),
+            residual_writers=tuple(n for n in self.residual_writers if not n.startswith(mlp)),
+            awq_groups=tuple(g for g in self.awq_groups if not g[1][0].startswith(mlp)),
+            reusable=tuple(r for r in self.reusable if r[0] + "." != mlp),
+        )
+
+    def checkpoint_name(self, name: str) -> str:
+        """A layer-relative module/tensor name as the checkpoint on disk spells it (Mixtral's
+        ``mlp.`` is ``block_sparse_moe.`` on disk; transformers renames it when loading)."""
+        if self.moe is not None and name.startswith(self.moe.block + "."):
+            return self.moe.checkpoint_block + name[len(self.moe.block) :]
+        return name
+
+    def module_name(self, name: str) -> str:
+        """Inverse of ``checkpoint_name``."""
+        if self.moe is not None and name.startswith(self.moe.checkpoint_block + "."):
+            return self.moe.block + name[len(self.moe.checkpoint_block) :]
+        return name
+
+    def dense_names(self, layer: nn.Module) -> dict[str, str]:
+        """{state name: checkpoint name} of the layer's tensors outside the routed experts (the
+        checkpoint stores those per expert, transformers fused: see ``MoeSpec``)."""
+        experts = f"{self.moe.block}.{self.moe.experts}." if self.moe is not None else None
+        return {n: self.checkpoint_name(n) for n in layer.state_dict() if experts is None or not n.startswith(experts)}
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """Where a sparse mixture-of-experts block keeps its parts, in transformers' modules and on disk.
+
+    transformers 5 holds the routed experts fused: ``experts.gate_up_proj`` [E, 2I, C] (gate rows
+    first) and ``experts.down_proj`` [E, C, I]; checkpoints (and vLLM, and transformers' own
+    conversion mapping) name each expert's Linears: ``{checkpoint_block}.experts.{e}.{gate|up|down}``.
+    The router (``gate``) and the shared expert's sigmoid gate stay unquantized."""
+
+    checkpoint_block: str  # "block_sparse_moe" (Mixtral) or "mlp" (Qwen-MoE)
+    linears: tuple[str, str, str]  # checkpoint names of an expert's (gate, up, down) Linears
+    num_experts: str  # config attribute holding E
+    shared: str | None = None  # the shared expert (an MLP of Linears, all tokens), Qwen2-MoE
+    shared_gate: str | None = None  # its sigmoid gate Linear [1, C] (unquantized)
+    block: str = "mlp"  # the block's module path inside a decoder layer
+    router: str = "gate"
+    experts: str = "experts"
+
+    def expert_names(self, e: int) -> tuple[str, str, str]:
+        """Layer-relative checkpoint names of expert ``e``'s (gate, up, down) Linears."""
+        return tuple(f"{self.checkpoint_block}.{self.experts}.{e}.{n}" for n in self.linears)
+
+    def ignore_patterns(self) -> list[str]:
+        """compressed-tensors ``ignore`` entries for the unquantized router and shared gate, in
+        transformers' and vLLM's module names (both ``re:`` patterns)."""
+        blocks = sorted({self.block, self.checkpoint_block})
+        names = [f"{b}\\.{self.router}" for b in blocks]
+        if self.shared_gate:
+            names += [f"{b}\\.{self.shared_gate}" for b in blocks]
+        return [f"re:.*{n}$" for n in dict.fromkeys(names)]
+
+
 ADAPTERS = {name: Adapter(name) for name in ("llama", "mistral", "qwen2", "qwen3")}
+ADAPTERS["mixtral"] = Adapter("mixtral", moe=MoeSpec("block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts"))
+ADAPTERS["qwen2_moe"] = Adapter("qwen2_moe", moe=MoeSpec("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+                                                         shared="shared_expert", shared_gate="shared_expert_gate"))
+ADAPTERS["qwen3_moe"] = Adapter("qwen3_moe", moe=MoeSpec("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts"))
 
 
 def adapter_for(config) -> Adapter:

@@ -32,8 +32,9 @@ from quantkit.algos.quantizer import QuantizedWeight, rtn_quantize
 from quantkit.checkpoint import WeightSource
 from quantkit.distributed import World
 from quantkit.errors import QuantkitError
-from quantkit.fuse import check_rotatable, rotate_layer, rotate_model_ends, scale_readers
+from quantkit.fuse import check_rotatable, rotate_layer, rotate_model_ends, rotate_moe_block, scale_readers
 from quantkit.model import Adapter
+from quantkit.moe import MIN_EXPERT_TOKENS, Coverage, ExpertBank, expert_hidden, expert_mlp, route
 from quantkit.progress import LayerProgress, warn
 from quantkit.recipe import Recipe
 
@@ -78,9 +79,19 @@ def _to(value, device: torch.device):
 
 
 def check_shapes(layer: nn.Module, index: int, adapter: Adapter, recipe: Recipe) -> None:
-    """Fail before quantizing a layer whose Linears cannot be grouped or packed with this recipe."""
-    for name in adapter.linear_names():
-        out_f, in_f = layer.get_submodule(name).weight.shape
+    """Fail before quantizing a layer whose Linears (and routed experts) cannot be grouped or packed
+    with this recipe."""
+    shapes = {name: layer.get_submodule(name).weight.shape for name in adapter.linear_names()}
+    block = adapter.moe_block(layer)
+    if block is not None:
+        experts = block.get_submodule(adapter.moe.experts)
+        _, hidden, inter = experts.down_proj.shape
+        shapes.update({f"{adapter.moe.block}.experts gate/up": (2 * inter, hidden), f"{adapter.moe.block}.experts down": (hidden, inter)})
+        if adapter.moe.shared is not None:
+            shared = f"{adapter.moe.block}.{adapter.moe.shared}"
+            shapes.update({f"{shared}.{n}": m.weight.shape for n, m in block.get_submodule(adapter.moe.shared).named_children()
+                           if isinstance(m, nn.Linear)})
+    for name, (out_f, in_f) in shapes.items():
         where = f"layer {index} {name} (in_features {in_f})"
         if recipe.group_size != -1 and in_f % recipe.group_size:
             valid = [g for g in (32, 64, 128, 256) if in_f % g == 0] + [-1]
@@ -160,6 +171,12 @@ class BlockReuse:
         self.storage = storage
         self.recording: dict[str, list[torch.Tensor]] = {}
         self.recorded: dict[str, list[torch.Tensor]] = {}
+        self.fixed: list[tuple[nn.Module, list[torch.Tensor]]] = []
+
+    def set_output(self, block: nn.Module, outputs: list[torch.Tensor]) -> None:
+        """From now on ``block`` answers ``outputs[b]`` for batch b (computed elsewhere: the MoE
+        block, expert by expert)."""
+        self.fixed.append((block, outputs))
 
     def record(self, name: str, x: torch.Tensor) -> None:
         """Keep ``x`` (the next batch's input of Linear ``name``) if it ends a reusable block."""
@@ -180,6 +197,9 @@ class BlockReuse:
             x = recorded[b].to(device)
             block.forward = (lambda *_a, _x=x, _l=last, **_k: (_l(_x), None)) if returns_tuple else (
                 lambda *_a, _x=x, _l=last, **_k: _l(_x))
+            patched.append(block)
+        for block, outputs in self.fixed:
+            block.forward = lambda *_a, _y=outputs[b].to(device), **_k: _y
             patched.append(block)
         try:
             yield
@@ -272,6 +292,7 @@ def quantize_layers(
     start: int = 0,
     world: World = World(),
     verbose: bool = False,
+    experts_sink=None,
 ) -> Iterator[tuple[int, dict[str, QuantizedWeight]]]:
     """Quantize every decoder layer in order; yields (layer index, {module name: quantized weight}).
 
@@ -281,7 +302,10 @@ def quantize_layers(
     ``start``/``restore``: layers before ``start`` are already done (resume) — ``restore(i, layer)``
     puts back their quantized tensors, and they are only run to recompute the next inputs.
     ``world``: data-parallel processes sharing the calibration batches (see quantkit.distributed).
-    ``verbose``: a progress line per module, not only per layer."""
+    ``verbose``: a progress line per module, not only per layer.
+    MoE layers: the routed experts are not in the yielded results; each is handed to
+    ``experts_sink.add_experts(i, e, {checkpoint name: quantized weight})`` as soon as it is solved,
+    and the layer's calibration coverage to ``experts_sink.add_coverage(i, summary)``."""
     layers = adapter.layers(model)
     grid = recipe.grid
     rotation = prepare_rotation(model, adapter, recipe) if recipe.rotate else None
@@ -301,37 +325,41 @@ def quantize_layers(
     with LayerProgress(len(layers), enabled=show_progress and world.is_main, verbose=verbose) as progress:
         for i, layer in enumerate(layers):
             dtype = next(layer.parameters()).dtype
+            prefix, block, layer_adapter = f"{adapter.layers_path}.{i}", adapter.moe_block(layer), adapter.for_layer(layer)
             if weights is not None:
-                weights.load_into(layer, f"{adapter.layers_path}.{i}", dtype)
+                weights.load_into(layer, prefix, dtype, None if block is None else adapter.dense_names(layer))
             if i < start:
                 restore(i, layer)
                 if inputs is not None:
-                    layer.to(device, torch.float32)
-                    inputs.hidden = _forward(layer, inputs)
+                    inputs.hidden = _restored_forward(layer, block, adapter, inputs, prefix, device)
                 _release(layer, dtype, weights)
                 progress.layer_done()
                 continue
-            check_shapes(layer, i, adapter, recipe)
+            check_shapes(layer, i, layer_adapter, recipe)
+            bank = ExpertBank.take(block, adapter.moe, prefix, weights) if block is not None else None
             layer.to(device, torch.float32)
             for name, p in layer.named_parameters():
                 if not torch.isfinite(p).all():
                     raise QuantkitError(f"NaN or Inf in the weights of layer {i} ({name}): the checkpoint is damaged")
             if rotation is not None:
-                rotate_layer(layer, adapter, rotation.Q, rotation.R2, rotation.head_dim)
+                rotate_layer(layer, layer_adapter, rotation.Q, rotation.R2, rotation.head_dim)
+                if bank is not None:
+                    norm = next(n for n, readers in adapter.norm_readers if readers[0].startswith(adapter.moe.block + "."))
+                    bank.rotation = rotate_moe_block(block, adapter.moe, layer.get_submodule(norm), rotation.Q)
             importance = None
             if inputs is not None:
                 progress.stage(i, "importance")
                 importance = token_importance(layer, inputs, recipe)
             if recipe.awq:
                 progress.stage(i, "awq")
-                progress.note(i, len(layers), "awq " + ", ".join(awq_layer(layer, adapter, inputs, importance, recipe, grid)))
-            _round_unquantized(layer, adapter, dtype)
+                progress.note(i, len(layers), "awq " + ", ".join(awq_layer(layer, layer_adapter, inputs, importance, recipe, grid)))
+            _round_unquantized(layer, layer_adapter, dtype)
             results = {}
-            reuse = BlockReuse(layer, adapter, inputs.storage) if inputs is not None else None
-            for group in adapter.sequential:
+            reuse = BlockReuse(layer, layer_adapter, inputs.storage) if inputs is not None else None
+            for group in layer_adapter.sequential:
                 modules = {name: layer.get_submodule(name) for name in group}
                 hessians = {}
-                owners = adapter.input_owners(modules)
+                owners = layer_adapter.input_owners(modules)
                 if recipe.method == "gptq":
                     progress.stage(i, "hessians " + "/".join(n.split(".")[-1] for n in group))
                     hessians = _collect_hessians(layer, modules, inputs, importance, owners, reuse)
@@ -349,11 +377,16 @@ def quantize_layers(
                         modules[name].weight.data = part.dequantize().to(dtype).to(weight.dtype)
                         results[name] = _compact(part)
                     progress.module(i, len(layers), label, time.perf_counter() - started, loss)
+            if bank is not None:
+                results.update(_quantize_moe(layer, block, bank, inputs, importance, recipe, grid, world, reuse,
+                                             progress, i, len(layers), device, experts_sink))
             if inputs is not None:
                 progress.stage(i, "outputs")
                 inputs.hidden = _forward(layer, inputs, reuse)
                 _check_finite(inputs.hidden, f"the outputs of layer {i}")
             layer.to("cpu", dtype)
+            if bank is not None:
+                bank.give_back(block)
             progress.layer_done(i)
             yield i, results
             _release(layer, dtype, weights)
@@ -437,9 +470,8 @@ def _input_statistics(layer, modules: dict[str, nn.Module], inputs: LayerInputs,
     _observe_inputs(layer, observed, inputs, importance, record, reuse)
     stats = {}
     for name, h in hessians.items():
-        inputs.world.sum_(h.sum)
+        _combined(h, inputs.world)
         inputs.world.sum_(sums[name])
-        h.tokens = int(inputs.world.sum_(torch.tensor(h.tokens, dtype=torch.float64, device=h.sum.device)).item())
         stats[name] = InputStats((sums[name] / max(h.tokens, 1)).float(), h)
     return {name: stats[owners[name]] for name in modules}
 
@@ -514,3 +546,173 @@ def _compact(q: QuantizedWeight) -> QuantizedWeight:
         q.group_size,
         q.offset,
     )
+
+
+# --- mixture of experts: the layer's MoE block after its attention is final -------------------------
+
+
+@dataclass
+class _Routed:
+    """What one MoE block reads, per calibration batch: x [T, C] and importance r [T] (or None),
+    with the router's choice for each token (weights [T, k], experts [T, k])."""
+
+    x: list[torch.Tensor]
+    r: list[torch.Tensor | None]
+    weights: list[torch.Tensor]
+    experts: list[torch.Tensor]
+    shape: list[torch.Size]  # each batch's [b, L, C]
+
+
+def _route_inputs(layer: nn.Module, block: nn.Module, spec, inputs: LayerInputs, importance,
+                  reuse: BlockReuse | None) -> _Routed:
+    """Run the layer up to its MoE block on every batch (finished attention reused) and route."""
+    routed = _Routed([], [], [], [], [])
+    router = block.get_submodule(spec.router)
+
+    def hook(_module, args):
+        x = args[0]
+        routed.shape.append(x.shape)
+        x = x.reshape(-1, x.shape[-1])
+        weights, experts = route(router, x)
+        routed.x.append(x.to(inputs.storage))
+        routed.weights.append(weights.float())
+        routed.experts.append(experts)
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(hook)
+    try:
+        for b, x in enumerate(inputs.batches()):
+            routed.r.append(None if importance is None else importance[b].reshape(-1))
+            try:
+                with reuse.batch(b, inputs.device) if reuse else nullcontext():
+                    layer(x, **inputs.kwargs)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return routed
+
+
+def _combined(h: Hessian, world: World) -> Hessian:
+    """``h`` summed over the data-parallel ranks (sum and token count)."""
+    world.sum_(h.sum)
+    h.tokens = int(world.sum_(torch.tensor(h.tokens, dtype=torch.float64, device=h.sum.device)).item())
+    return h
+
+
+def _solve_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act, stats: list[tuple[torch.Tensor, torch.Tensor | None]],
+               recipe: Recipe, grid, world: World, owner: int, where: str, progress: LayerProgress, i: int, n: int):
+    """GPTQ (or RTN) one gated MLP true-sequentially: gate/up [I, C] as one stack on H(x), then down
+    [C, I] on H(act(gate_q x) ⊙ up_q x). ``stats``: the (x [T, C], r [T]) batches its statistics
+    come from. Returns the quantized (gate, up, down), each solved on rank ``owner`` and shared."""
+    solved = []
+    for part, rows in (("gate/up", (gate, up)), ("down", (down,))):
+        started = time.perf_counter()
+        weight = torch.cat(rows) if len(rows) > 1 else rows[0]
+        hessian = None
+        if recipe.method == "gptq":
+            hessian = Hessian(weight.shape[1], weight.device)
+            gate_up = [w.dequantize() for w in solved]  # the quantized gate, up (for down's inputs)
+            for x, r in stats:
+                x = x.to(weight.device)
+                hessian.add_batch(expert_hidden(x, *gate_up, act) if gate_up else x, r)
+            hessian = _combined(hessian, world)
+        q, loss = _quantize_weight(weight, hessian, recipe, grid, f"{where} {part}") if world.owns(owner) else (None, None)
+        q, loss = world.share(owner % world.size, q, loss, weight)
+        solved += q.split_rows([w.shape[0] for w in rows])
+        progress.module(i, n, f"{where.split(' ', 2)[-1]} {part}", time.perf_counter() - started, loss)
+    return solved
+
+
+def _quantize_moe(layer: nn.Module, block: nn.Module, bank: ExpertBank, inputs: LayerInputs | None, importance,
+                  recipe: Recipe, grid, world: World, reuse: BlockReuse | None, progress: LayerProgress, i: int, n: int,
+                  device: torch.device, experts_sink=None) -> dict[str, QuantizedWeight]:
+    """The MoE stage of layer ``i``: route the calibration tokens, solve each routed expert on the
+    tokens the router sends it (fewer than MIN_EXPERT_TOKENS: on all tokens, see ``Coverage``), one
+    expert on the device at a time, streaming each to ``experts_sink.add_experts``; then the shared
+    expert on all tokens. The block's output (quantized experts, real routing) is left in ``reuse``
+    for the layer's output pass. Returns the shared expert's results (module names)."""
+    spec = bank.spec
+    routed = _route_inputs(layer, block, spec, inputs, importance, reuse) if inputs is not None else None
+    outputs = [torch.zeros(s, device=inputs.storage) for s in routed.shape] if routed else None
+    if routed is not None:
+        counts = torch.zeros(bank.count, dtype=torch.float64, device=inputs.device)
+        for experts in routed.experts:
+            counts += torch.bincount(experts.reshape(-1), minlength=bank.count).to(counts)
+        coverage = Coverage([int(c) for c in world.sum_(counts).tolist()], MIN_EXPERT_TOKENS)
+        if coverage.fallback:
+            names = ", ".join(f"expert {e} ({coverage.tokens[e]} tokens)" for e in coverage.fallback)
+            warn(f"layer {i}: {names} routed fewer than {MIN_EXPERT_TOKENS} calibration tokens: calibrated on all of "
+                 "the layer's tokens instead (all-experts fallback)")
+        if experts_sink is not None:
+            experts_sink.add_coverage(i, coverage.summary())
+    for e in range(bank.count):
+        progress.stage(i, f"expert {e}/{bank.count}")
+        gate, up, down = bank.get(e, device)
+        picks, stats = [], []
+        if routed is not None:
+            picks = [torch.where(experts == e) for experts in routed.experts]  # (tokens, slots) per batch
+            everything = e in coverage.fallback
+            stats = [(x if everything else x[tokens.to(x.device)], r if everything or r is None else r[tokens])
+                     for x, r, (tokens, _) in zip(routed.x, routed.r, picks)]
+        q = _solve_mlp(gate, up, down, bank.act, stats, recipe, grid, world, e, f"layer {i} expert {e}", progress, i, n)
+        gate, up, down = (part.dequantize().to(gate.dtype) for part in q)
+        bank.put(e, gate, up, down)
+        if experts_sink is not None:
+            experts_sink.add_experts(i, e, dict(zip(spec.expert_names(e), map(_compact, q))))
+        if routed is not None:
+            _add_expert_output(outputs, routed, picks, gate, up, down, bank.act)
+    results = {}
+    if spec.shared is not None:
+        shared = block.get_submodule(spec.shared)
+        linears = [shared.gate_proj, shared.up_proj, shared.down_proj]
+        stats = list(zip(routed.x, routed.r)) if routed is not None else []
+        q = _solve_mlp(*(m.weight.data for m in linears), shared.act_fn, stats, recipe, grid, world, 0,
+                       f"layer {i} {spec.block}.{spec.shared}", progress, i, n)
+        for m, name, part in zip(linears, ("gate_proj", "up_proj", "down_proj"), q):
+            m.weight.data = part.dequantize().to(m.weight.dtype)
+            results[f"{spec.block}.{spec.shared}.{name}"] = _compact(part)
+        if routed is not None:
+            _add_shared_output(outputs, routed, block, spec, device)
+    if outputs is not None:
+        reuse.set_output(block, outputs)
+    return results
+
+
+def _add_expert_output(outputs: list[torch.Tensor], routed: _Routed, picks, gate, up, down, act) -> None:
+    """outputs[b] [b, L, C] += routing weight × expert(x) for the tokens routed to this expert
+    (``picks``: (tokens, slots) per batch, from torch.where(experts == e))."""
+    for out, x, w, (tokens, slots) in zip(outputs, routed.x, routed.weights, picks):
+        y = expert_mlp(x[tokens.to(x.device)].to(gate.device), gate, up, down, act) * w[tokens, slots, None]
+        out.view(-1, out.shape[-1]).index_add_(0, tokens.to(out.device), y.to(out.device))
+
+
+def _add_shared_output(outputs: list[torch.Tensor], routed: _Routed, block: nn.Module, spec, device) -> None:
+    """outputs[b] += sigmoid(shared_gate(x)) × shared_expert(x) over all tokens (Qwen2-MoE)."""
+    shared, shared_gate = block.get_submodule(spec.shared), block.get_submodule(spec.shared_gate)
+    for out, x in zip(outputs, routed.x):
+        x = x.to(device)
+        out.view(-1, out.shape[-1]).add_((torch.sigmoid(shared_gate(x)) * shared(x)).to(out.device))
+
+
+def _restored_forward(layer: nn.Module, block: nn.Module | None, adapter: Adapter, inputs: LayerInputs, prefix: str,
+                      device: torch.device) -> list[torch.Tensor]:
+    """The next layer's inputs from a layer restored from the export (--resume); an MoE block
+    runs expert by expert, as when it was quantized."""
+    if block is None:
+        layer.to(device, torch.float32)
+        return _forward(layer, inputs)
+    reuse = BlockReuse(layer, adapter.for_layer(layer), inputs.storage)
+    bank = ExpertBank.take(block, adapter.moe, prefix)
+    layer.to(device, torch.float32)
+    routed = _route_inputs(layer, block, adapter.moe, inputs, None, None)
+    outputs = [torch.zeros(s, device=inputs.storage) for s in routed.shape]
+    for e in range(bank.count):
+        picks = [torch.where(experts == e) for experts in routed.experts]
+        _add_expert_output(outputs, routed, picks, *bank.get(e, device), bank.act)
+    if adapter.moe.shared is not None:
+        _add_shared_output(outputs, routed, block, adapter.moe, device)
+    reuse.set_output(block, outputs)
+    hidden = _forward(layer, inputs, reuse)
+    bank.give_back(block)
+    return hidden

@@ -90,12 +90,14 @@ def quantize_model(
         exporter.restore_layer(i, f"{prefix}.{i}", layer)
 
     walk = quantize_layers(model, adapter, tokens, recipe, device, show_progress, offload=offload,
-                           weights=weights, restore=restore, start=start, world=world, verbose=verbose)
+                           weights=weights, restore=restore, start=start, world=world, verbose=verbose,
+                           experts_sink=exporter)
     for i, results in walk:
         if exporter is not None:
-            part = exporter.add_layer(i, f"{prefix}.{i}", layers[i], results)
+            written = exporter.add_layer(i, f"{prefix}.{i}", layers[i], results)
             if resume is not None:
-                resume.record(part)
+                for path in written:
+                    resume.record(path)
         if resume is not None:
             resume.layers_done = i + 1
             resume.save()
@@ -182,7 +184,7 @@ def run(
             if state is None:
                 state = ResumeState(tmp, recipe.to_dict(), source, _sha256(tokens))
                 state.save()
-            exporter = Exporter(tmp, recipe, max_shard_bytes)
+            exporter = Exporter(tmp, recipe, max_shard_bytes, adapter)
             quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state, world, verbose)
             seconds = time.perf_counter() - started
             extra = {"source_bytes": _folder_bytes(Path(source))}

@@ -160,6 +160,33 @@ def check_runtime_layer(name: str, parts: dict[str, torch.Tensor], linear: nn.Li
         raise QuantkitError(f"'{where}': {name} has g_idx values outside [0, {groups}): the export is damaged, re-export it")
 
 
+def _fused_experts(model: nn.Module, adapter, quantized: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dequantize the routed experts (one checkpoint name per expert) out of ``quantized`` into
+    transformers' fused fp32 experts parameters, and rename the layers' other tensors to the
+    model's modules (Mixtral's block_sparse_moe is mlp)."""
+    from quantkit.export import fuse_experts
+
+    experts = f".{adapter.moe.experts}."
+    for name in [n for n in quantized if experts in n]:
+        parts = quantized.pop(name)
+        codes, zeros = unpack_rows(parts["qweight"], _bits(parts)), unpack_cols(parts["qzeros"], _bits(parts))
+        tensors[f"{name}.weight"] = dequantize(codes, parts["scales"].float(), zeros, parts["g_idx"]).t()
+    out = {n: t for n, t in tensors.items() if not n.startswith(adapter.layers_path + ".")}
+    for i, layer in enumerate(adapter.layers(model)):
+        prefix = f"{adapter.layers_path}.{i}."
+        mine = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+        out.update({prefix + adapter.module_name(n): t for n, t in fuse_experts(mine, adapter, layer).items()})
+    for name in [n for n in quantized if n.startswith(adapter.layers_path + ".")]:
+        i, local = name[len(adapter.layers_path) + 1 :].split(".", 1)
+        quantized[f"{adapter.layers_path}.{i}.{adapter.module_name(local)}"] = quantized.pop(name)
+    return out
+
+
+def _bits(parts: dict[str, torch.Tensor]) -> int:
+    """Bit width of a runtime-layout Linear: qweight [K·b/32, N] and g_idx [K]."""
+    return parts["qweight"].shape[0] * 32 // parts["g_idx"].numel()
+
+
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear``; every
     quantized Linear is checked against the config (``check_runtime_layer``) before use. A GGUF file
@@ -181,8 +208,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = build_meta(config, dtype, folder)
+    quantized = _runtime_layers(tensors, qc, folder)
+    adapter = adapter_for(config)
+    if adapter.moe is not None:
+        tensors = _fused_experts(model, adapter, quantized, tensors)
     modules = dict(model.named_modules())
-    for name, parts in _runtime_layers(tensors, qc, folder).items():
+    for name, parts in quantized.items():
         old = modules.get(name)
         if not isinstance(old, nn.Linear):
             raise QuantkitError(f"'{folder}' has quantized tensors for {name}, which is not a Linear of the model")

@@ -71,5 +71,40 @@ def _convert(src: Path, dst: Path) -> None:
     tokenizer.save_pretrained(dst)
 
 
+MOE_CONFIGS = {  # transformers' config keys for E routed experts of intermediate size I, top-2 routing
+    "mixtral": lambda e, i: {"num_local_experts": e, "num_experts_per_tok": 2, "intermediate_size": i},
+    "qwen2_moe": lambda e, i: {"num_experts": e, "num_experts_per_tok": 2, "moe_intermediate_size": i,
+                               "shared_expert_intermediate_size": 2 * i, "intermediate_size": 2 * i, "norm_topk_prob": False},
+    "qwen3_moe": lambda e, i: {"num_experts": e, "num_experts_per_tok": 2, "moe_intermediate_size": i,
+                               "intermediate_size": 2 * i, "norm_topk_prob": True},
+}
+
+
+def make_tiny_moe(folder: Path, model_type: str, tokenizer, experts: int = 4, layers: int = 2, hidden: int = 128,
+                  intermediate: int = 128, seed: int = 0, **overrides) -> Path:
+    """Save a random mixture-of-experts checkpoint (``model_type`` in MOE_CONFIGS, transformers'
+    own classes and on-disk names) with ``tokenizer`` to ``folder``. Sizes suit vLLM's MoE kernels
+    (hidden and expert intermediate sizes multiples of 128, head size 32); ``overrides``: other config keys."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    config = AutoConfig.for_model(
+        model_type, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=hidden // 4, vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **{**MOE_CONFIGS[model_type](experts, intermediate), **overrides},
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init is tiny; widen it so quantization error is visible
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
     _convert(Path(sys.argv[1]), Path(sys.argv[2]))

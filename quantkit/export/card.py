@@ -7,6 +7,7 @@ from pathlib import Path
 
 from quantkit.calibration import NAMED_SETS
 from quantkit.algos.importance import REFERENCE_LENGTH, length_invariant_floor
+from quantkit.moe import coverage_table
 from quantkit.recipe import Recipe
 
 MODEL = "path/to/this-model"  # placeholder in the snippets: the export folder or its Hub repo id
@@ -145,6 +146,13 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
     metrics = manifest.get("metrics")
     if metrics:
         lines += ["", "## Measured quality", "", *_table(metrics)]
+    if manifest.get("experts"):
+        lines += ["", "## Expert calibration coverage", "",
+                  "Calibration tokens the router sent to each routed expert. An expert that received fewer than "
+                  f"{next(iter(manifest['experts'].values()))['min_tokens']} was calibrated on all of its layer's tokens "
+                  "(all-experts fallback: statistics ignore the routing, the layer's output does not). "
+                  "The routers (and the shared-expert gates) are not quantized.", "",
+                  *coverage_table(manifest["experts"])]
     dataset = (metrics or {}).get("eval_dataset", "wiki")
     dataset = dataset if dataset in NAMED_SETS else Path(dataset).name
     seqlen = (metrics or {}).get("eval_seqlen", 2048)
