@@ -146,10 +146,14 @@ def check_layer_count(config, names, layers_path: str, where: Path) -> int:
     return n
 
 
-def check_weights(config, shapes: dict[str, tuple[int, ...]], layers_path: str, where: Path) -> None:
+def check_weights(config, shapes: dict[str, tuple[int, ...]], adapter, where: Path) -> None:
     """Every tensor the model of ``config`` needs is in ``shapes`` ({name: shape} from the
-    checkpoint's headers) with that shape — checked before the model is built, layer 0's names
-    standing for every layer's. The LM head may be absent only when tied to the embeddings."""
+    checkpoint's headers) with that shape, under the name the checkpoint spells it (``adapter``:
+    the architecture's Adapter) — checked before the model is built, layer 0's names standing for
+    every layer's (an MoE block's only for layer 0's: layers may differ there). Routed experts,
+    fused in transformers' modules, are checked per expert. The LM head may be absent only when
+    tied to the embeddings."""
+    layers_path, moe = adapter.layers_path, adapter.moe
     n = check_layer_count(config, shapes, layers_path, where)
     one = copy.deepcopy(config)
     one.num_hidden_layers = 1
@@ -158,17 +162,33 @@ def check_weights(config, shapes: dict[str, tuple[int, ...]], layers_path: str, 
     expected = {name: tuple(t.shape) for name, t in build_meta(one, torch.float32, where).state_dict().items()}
     tied = getattr(config, "tie_word_embeddings", False)
     first = f"{layers_path}.0."
+    wanted: dict[str, tuple[int, ...]] = {}
     for name, shape in expected.items():
         if tied and name == "lm_head.weight":
             continue
-        names = [f"{layers_path}.{i}.{name[len(first):]}" for i in range(n)] if name.startswith(first) else [name]
-        for full in names:
-            if full not in shapes:
-                raise QuantkitError(f"'{where}' lacks the tensor '{full}' that its config.json needs: the checkpoint "
-                                    "is incomplete or the config does not match the weights")
-            if shapes[full] != shape:
-                raise QuantkitError(f"'{where}': '{full}' has shape {list(shapes[full])} but config.json implies "
-                                    f"{list(shape)}: the config does not match the weights")
+        if not name.startswith(first):
+            wanted[name] = shape
+            continue
+        local = name[len(first):]
+        if moe is not None and local.startswith(f"{moe.block}.{moe.experts}."):  # fused [E, 2I, C] or [E, C, I]
+            e_count, rows, cols = shape
+            per = (rows // 2, cols) if local.endswith("gate_up_proj") else (rows, cols)
+            picks = (0, 1) if local.endswith("gate_up_proj") else (2,)
+            for e in range(e_count):
+                for j in picks:
+                    wanted[f"{first}{moe.expert_names(e)[j]}.weight"] = per
+            continue
+        stored = adapter.checkpoint_name(local)
+        every = moe is None or not local.startswith(moe.block + ".")
+        for i in range(n) if every else (0,):
+            wanted[f"{layers_path}.{i}.{stored}"] = shape
+    for full, shape in wanted.items():
+        if full not in shapes:
+            raise QuantkitError(f"'{where}' lacks the tensor '{full}' that its config.json needs: the checkpoint "
+                                "is incomplete or the config does not match the weights")
+        if shapes[full] != shape:
+            raise QuantkitError(f"'{where}': '{full}' has shape {list(shapes[full])} but config.json implies "
+                                f"{list(shape)}: the config does not match the weights")
 
 
 def build_meta(config, dtype: torch.dtype, where: Path | str) -> nn.Module:

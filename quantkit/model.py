@@ -227,7 +227,7 @@ def _safetensors_source(source: str):
         return None
     weights = WeightSource(folder)
     config = load_config(source)
-    check_weights(config, weights.shapes, adapter_for(config).layers_path, folder)
+    check_weights(config, weights.shapes, adapter_for(config), folder)
     return weights
 
 

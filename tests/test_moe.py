@@ -162,7 +162,7 @@ def test_gptq_on_experts_beats_rtn_on_their_routed_tokens(tiny_moe, calib_text, 
     gptq = quantize(source, None, calib_text, method="gptq", **recipe).model
     rtn = quantize(source, None, calib_text, method="rtn", **recipe).model
     fp, tokenizer, _ = load_model(str(source))
-    tokens = calibration_tokens(tokenizer, str(calib_text), Recipe(**{**CALIB, **recipe}))
+    tokens, _ = calibration_tokens(tokenizer, str(calib_text), Recipe(**{**CALIB, **recipe}))
     x, routed = routed_inputs(fp, 0, tokens)
     for e in range(4):
         xe = x[(routed == e).any(-1)]

@@ -86,11 +86,15 @@ class Exporter:
         write_json(path, summary)
         self.side_files.append(path)
 
+    def layer_parts(self, index: int) -> list[Path]:
+        """The part files of decoder layer ``index``: its own, then its routed experts' in order."""
+        return [self._part(f"{index:05d}"), *sorted(self.folder.glob(f"part-{index:05d}-expert-*.safetensors"))]
+
     def restore_layer(self, index: int, prefix: str, layer: nn.Module) -> None:
         """Put a written layer's tensors back into ``layer``, quantized Linears as dequantized weights
         (routed experts stacked into transformers' fused parameters)."""
         tensors = {}
-        for part in [self._part(f"{index:05d}"), *sorted(self.folder.glob(f"part-{index:05d}-expert-*.safetensors"))]:
+        for part in self.layer_parts(index):
             tensors.update({k[len(prefix) + 1 :]: v for k, v in load_file(str(part)).items()})
         marker = "." + self.format.LEAVES[0]
         qc = self.format.quantization_config(self.recipe)
@@ -123,7 +127,8 @@ class Exporter:
             return
         writer = ShardWriter(self.folder, self.max_shard_bytes)
         layers = len(adapter.layers(model))
-        for part in [self._part(f"{i:05d}") for i in range(layers)] + [self._part("rest")]:  # exactly ours, in order
+        parts = [p for i in range(layers) for p in self.layer_parts(i)] + [self._part("rest")]
+        for part in parts:  # exactly ours (the folder holds nothing else, see ExportFolder), in order
             writer.add(load_file(str(part)))
             part.unlink()
         writer.close()
