@@ -2,11 +2,7 @@
 # Create (once) the cached peer-tool venvs used by bench/peers/ probes, interop
 # tests and peer benchmarks.
 #
-<<<<<<< HEAD
 #   bench/peers/make_venvs.sh              # gptqmodel, llmcompressor, vllm, latest
-=======
-#   bench/peers/make_venvs.sh              # gptqmodel and llmcompressor
->>>>>>> wt/gguf
 #   bench/peers/make_venvs.sh gptqmodel    # only one
 #   bench/peers/make_venvs.sh llamacpp     # llama-cpp-python + llama-quantize/-imatrix/-perplexity
 #   QUANTKIT_PEERS_DIR=/some/dir bench/peers/make_venvs.sh
@@ -171,13 +167,9 @@ for t in "${targets[@]}"; do
     case "$t" in
         gptqmodel) make_venv gptqmodel "${GPTQMODEL_PKGS[@]}" ;;
         llmcompressor) make_venv llmcompressor "${LLMC_PKGS[@]}" ;;
-<<<<<<< HEAD
         vllm) make_venv vllm "${VLLM_PKGS[@]}" ;;
         latest) make_venv latest "${LATEST_PKGS[@]}" ;;
-        *) log "unknown venv '$t' (known: gptqmodel llmcompressor vllm latest)"; exit 2 ;;
-=======
         llamacpp) make_llamacpp ;;
-        *) log "unknown venv '$t' (known: gptqmodel llmcompressor llamacpp)"; exit 2 ;;
->>>>>>> wt/gguf
+        *) log "unknown venv '$t' (known: gptqmodel llmcompressor vllm latest llamacpp)"; exit 2 ;;
     esac
 done
