@@ -85,7 +85,6 @@ class Adapter:
         """Modules the first decoder layer's inputs are computed with (run on the compute device)."""
         return [model.model.embed_tokens, model.model.rotary_emb]
 
-
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The layer's sparse MoE block (router + experts), or None for a dense layer (e.g. a
         Qwen2-MoE layer listed in ``mlp_only_layers``)."""
@@ -140,7 +139,6 @@ class MoeSpec:
 
     checkpoint_block: str  # "block_sparse_moe" (Mixtral) or "mlp" (Qwen-MoE)
     linears: tuple[str, str, str]  # checkpoint names of an expert's (gate, up, down) Linears
-    num_experts: str  # config attribute holding E
     shared: str | None = None  # the shared expert (an MLP of Linears, all tokens), Qwen2-MoE
     shared_gate: str | None = None  # its sigmoid gate Linear [1, C] (unquantized)
     block: str = "mlp"  # the block's module path inside a decoder layer
@@ -162,10 +160,10 @@ class MoeSpec:
 
 
 ADAPTERS = {name: Adapter(name) for name in ("llama", "mistral", "qwen2", "qwen3")}
-ADAPTERS["mixtral"] = Adapter("mixtral", moe=MoeSpec("block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts"))
-ADAPTERS["qwen2_moe"] = Adapter("qwen2_moe", moe=MoeSpec("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+ADAPTERS["mixtral"] = Adapter("mixtral", moe=MoeSpec("block_sparse_moe", ("w1", "w3", "w2")))
+ADAPTERS["qwen2_moe"] = Adapter("qwen2_moe", moe=MoeSpec("mlp", ("gate_proj", "up_proj", "down_proj"),
                                                          shared="shared_expert", shared_gate="shared_expert_gate"))
-ADAPTERS["qwen3_moe"] = Adapter("qwen3_moe", moe=MoeSpec("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts"))
+ADAPTERS["qwen3_moe"] = Adapter("qwen3_moe", moe=MoeSpec("mlp", ("gate_proj", "up_proj", "down_proj")))
 
 
 def adapter_for(config) -> Adapter:

@@ -89,11 +89,14 @@ def test_streaming_run_writes_the_in_memory_runs_export(tiny_moe, calib_text, tm
     assert export_files(tmp_path / "streamed") == export_files(tmp_path / "memory")
 
 
-def test_transformers_loads_the_compressed_tensors_export(tiny_moe, calib_text, tmp_path):
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_transformers_loads_the_compressed_tensors_export(tiny_moe, calib_text, tmp_path, model_type):
+    """transformers (5.25 + compressed-tensors 0.19) merges our per-expert tensors into its fused
+    experts (Mixtral: renaming block_sparse_moe to mlp) and decompresses them."""
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
-    quantize(tiny_moe("qwen2_moe"), tmp_path / "out", calib_text, format="compressed-tensors")
+    quantize(tiny_moe(model_type), tmp_path / "out", calib_text, format="compressed-tensors")
     ours = load_quantized(tmp_path / "out", dtype=torch.float32)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     for mine, other in zip(ours.model.layers, theirs.model.layers):
