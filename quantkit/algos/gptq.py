@@ -22,8 +22,9 @@ class CholeskyError(RuntimeError):
 def gram(x: torch.Tensor, leaf: int = 192) -> torch.Tensor:
     """xᵀx [K, K] for x [T, K], computing only the upper triangle: the off-diagonal half of each
     split by one matmul, mirrored, the diagonal halves split again down to ``leaf`` columns. About
-    half the products of ``x.t() @ x`` for K ≫ leaf, and on CPU the same float32 sums bit for bit
-    (each entry is still one dot product over T)."""
+    half the products of ``x.t() @ x`` for K ≫ leaf (1.4× faster at K = 576, 1.7× at 1536, one
+    thread); each entry is still one dot product over T, and with MKL on CPU the same float32 sum
+    bit for bit (tested at 1 and 2 threads)."""
     out = torch.empty(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
 
     def fill(lo: int, hi: int) -> None:
