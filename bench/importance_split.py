@@ -6,7 +6,8 @@ w = map_importance(r) with the authors' fixed range [0.005, 1] and with the leng
 (0.005 at 4096, scaled by 4096/T), x = the input of q/k/v (after input_layernorm). Prints the share
 of tr(H) = Σ w_t ‖x_t‖² taken by position 0 (the attention sink) and by floor-weight tokens
 (weight ≤ 2 × the window's lowest), and the same shares of Σ w_t alone (as if every ‖x_t‖ were equal),
-median and range over layers 15–29 and the median over all layers.
+and the effective-token fraction (Σ w)² / (T Σ w²) (Kish): median and range over layers 15–29 and
+the median over all layers.
 
     OMP_NUM_THREADS=1 python bench/importance_split.py --tokens 8192
 """
@@ -22,6 +23,7 @@ from common import require_data, save
 from quantkit.algos.importance import (
     REFERENCE_LENGTH,
     attention_concentration,
+    effective_tokens,
     hessian_split,
     length_invariant_floor,
     map_importance,
@@ -35,12 +37,13 @@ MAPS = {"fixed [0.005, 1]": None, "length-invariant": REFERENCE_LENGTH}
 
 
 @torch.no_grad()
-def layer_shares(model, adapter, tokens: torch.Tensor) -> dict[str, list[tuple[float, float]]]:
-    """Per mapping, for every layer: (sink share, floor share) of tr(H), then of Σ w alone, averaged over
-    the windows tokens [S, T]."""
+def layer_shares(model, adapter, tokens: torch.Tensor) -> dict[str, list[tuple[float, ...]]]:
+    """Per mapping, for every layer: (sink share, floor share) of tr(H), then of Σ w alone, then the
+    effective-token fraction (Σ w)² / (T Σ w²), averaged over the windows tokens [S, T]."""
     device = torch.device("cpu")
     inputs = capture_inputs(model, adapter, tokens, device, max(1, 4096 // tokens.shape[1]), device)
     shares = {name: [] for name in MAPS}
+    t = tokens.shape[1]
     for layer in adapter.layers(model):
         layer.float()
         per_map = {name: [] for name in MAPS}
@@ -50,10 +53,10 @@ def layer_shares(model, adapter, tokens: torch.Tensor) -> dict[str, list[tuple[f
             sqnorm = layer.input_layernorm(x).float().square().sum(-1)
             for name, reference in MAPS.items():
                 w = map_importance(r, 0.005, 1.0, reference)
-                split = hessian_split(w, sqnorm) + hessian_split(w, torch.ones_like(w))
+                split = hessian_split(w, sqnorm) + hessian_split(w, torch.ones_like(w)) + (effective_tokens(w) / t,)
                 per_map[name] += list(zip(*(v.tolist() for v in split)))
         for name, pairs in per_map.items():
-            shares[name].append(tuple(statistics.mean(p[i] for p in pairs) for i in range(4)))
+            shares[name].append(tuple(statistics.mean(p[i] for p in pairs) for i in range(5)))
         inputs.hidden = _forward(layer, inputs)
     return shares
 
@@ -71,14 +74,14 @@ def main() -> None:
     rows = []
     print("Shares: median over layers ≥ 15 (their range); median over all layers. tr H weighs each token "
           "by w_t ‖x_t‖², Σ w by w_t alone.\n"
-          "| T | mapping | floor | sink, tr H | floor tokens, tr H | sink, Σ w | floor tokens, Σ w |\n"
-          "|---|---|---|---|---|---|---|")
+          "| T | mapping | floor | sink, tr H | floor tokens, tr H | sink, Σ w | floor tokens, Σ w | effective tokens / T |\n"
+          "|---|---|---|---|---|---|---|---|")
     for t in args.lengths:
         tokens = random_windows(ids, max(1, args.tokens // t), t, args.seed)
         for name, shares in layer_shares(model, adapter, tokens).items():
             late = shares[args.first_layer:]
             cells = []
-            for i in range(4):
+            for i in range(5):
                 vals = [s[i] for s in late]
                 cells.append(f"{statistics.median(vals):.1%} ({min(vals):.1%}–{max(vals):.1%}); "
                              f"{statistics.median(s[i] for s in shares):.1%}")
@@ -86,7 +89,7 @@ def main() -> None:
             print(f"| {t} | {name} | {floor:.3g} | {' | '.join(cells)} |", flush=True)
             rows.append({"T": t, "map": name, "floor": floor, "windows": tokens.shape[0],
                          **{key: [s[i] for s in shares] for i, key in enumerate(
-                             ("sink_share_H", "floor_share_H", "sink_share_w", "floor_share_w"))}})
+                             ("sink_share_H", "floor_share_H", "sink_share_w", "floor_share_w", "effective_fraction"))}})
     print(f"\nwrote {save('importance-split', {'args': vars(args), 'rows': rows})}")
 
 

@@ -6,6 +6,7 @@ from quantkit.algos.importance import (
     activation_norm,
     attention_concentration,
     first_last,
+    effective_tokens,
     hessian_split,
     length_invariant_floor,
     map_importance,
@@ -158,3 +159,11 @@ def test_model_card_names_the_mapping():
     assert "attention-concentration token importance (length-invariant floor 0.04 at 512-token windows, 0.005 at 4096)" in card()
     assert "attention-concentration token importance (fixed range [0.005, 1])" in card(importance_map="fixed")
     assert "activation-norm token importance (fixed range [0.005, 1])" in card(importance="actnorm")
+
+
+def test_effective_tokens():
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0], [2.0, 1.0, 1.0, 0.0]])
+    assert torch.allclose(effective_tokens(w), torch.tensor([4.0, 1.0, 16 / 6]))
+    r = sink_attention(512)
+    fixed, invariant = (effective_tokens(map_importance(r, 0.005, 1.0, ref)).item() for ref in (None, REFERENCE_LENGTH))
+    assert fixed < invariant < 512  # the fixed floor at 512 tokens leaves fewer tokens carrying H

@@ -119,3 +119,11 @@ def hessian_split(w: torch.Tensor, sqnorm: torch.Tensor) -> tuple[torch.Tensor, 
     total = mass.sum(-1)
     floor = w <= 2 * w.amin(-1, keepdim=True)
     return mass[:, 0] / total, (mass * floor).sum(-1) / total
+
+
+def effective_tokens(w: torch.Tensor) -> torch.Tensor:
+    """Kish's effective sample size (Σ w_t)² / Σ w_t² of weights w [B, T]: float32 [B]; T when every
+    token weighs the same, 1 when one token carries all the weight. A Hessian over C input channels
+    needs well over C effective tokens to be estimated, whatever T is."""
+    w = w.float()
+    return w.sum(-1).square() / w.square().sum(-1)
