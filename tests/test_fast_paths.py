@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import quantkit.algos.gptq
-import quantkit.algos.importance
 import quantkit.pipeline
 from quantkit.algos.awq import awq_scale_search
 from quantkit.algos.gptq import GPTQResult
@@ -29,15 +28,13 @@ def reference_solver(w, H, grid, block_size, damp, act_order, clip_search=False)
     dict(bits=3, group_size=32, sym=False),  # the default recipe: attncon importance and AWQ
 ])
 def test_fast_paths_leave_the_export_byte_identical(tiny_llama, calib_text, tmp_path, monkeypatch, extra):
-    """Quantized with today's solver, Hessian, attention chunks and α search, then with the paper's
-    GPTQ loop, a full xᵀx, chunks of 256 queries and the full 20-point α grid: every file the same."""
+    """Quantized with today's solver, Hessian and α search, then with the paper's GPTQ loop, a full
+    xᵀx and the full 20-point α grid: every file the same."""
     recipe = Recipe(nsamples=8, seqlen=64, **extra)
     run(str(tiny_llama), tmp_path / "fast", recipe, calibration=str(calib_text), show_progress=False)
 
-    attention = quantkit.algos.importance.attention_concentration
     monkeypatch.setattr(quantkit.pipeline, "gptq_quantize", reference_solver)
     monkeypatch.setattr(quantkit.algos.gptq, "gram", lambda x: x.t() @ x)
-    monkeypatch.setattr(quantkit.pipeline, "attention_concentration", lambda *a: attention(*a, chunk=256))
     monkeypatch.setattr(quantkit.pipeline, "awq_scale_search", lambda *a: awq_scale_search(*a, coarse=1))
     run(str(tiny_llama), tmp_path / "reference", recipe, calibration=str(calib_text), show_progress=False)
     assert export_files(tmp_path / "fast") == export_files(tmp_path / "reference")
@@ -67,3 +64,25 @@ def test_coarse_alpha_search_agrees_on_smollm2(smollm2, shared_data, monkeypatch
         run(str(smollm2), None, recipe, calibration=str(shared_data / "c4-sample.txt"), show_progress=False)
     assert all(full == fast for full, fast, _ in picks), picks
     assert all(n <= 12 for _, _, n in picks) and len({full for full, _, _ in picks}) > 1, picks
+
+
+@pytest.mark.slow
+def test_solver_matches_the_reference_on_smollm2s_first_stack(smollm2, shared_data, monkeypatch):
+    """Layer 0's q/k/v stack of SmolLM2 under the default recipe (real weights, AWQ-scaled, real
+    attncon-weighted Hessian): the solver's codes, scales and zeros are the reference loop's."""
+    seen = {}
+
+    def grab(w, H, grid, block_size, damp, act_order):
+        seen.update(w=w.clone(), H=H.clone(), grid=grid, act_order=act_order)
+        raise _Enough
+
+    monkeypatch.setattr(quantkit.pipeline, "gptq_quantize", grab)
+    recipe = Recipe(bits=3, group_size=64, sym=False, nsamples=8, seqlen=256)
+    with pytest.raises(_Enough):
+        run(str(smollm2), None, recipe, calibration=str(shared_data / "c4-sample.txt"), show_progress=False)
+    w, H, grid = seen["w"], seen["H"], seen["grid"]
+    assert w.shape == (960, 576)
+    fast = quantkit.algos.gptq.gptq_quantize(w, H, grid, act_order=seen["act_order"])
+    codes, scales, zeros, _ = reference_gptq(w, H, grid, act_order=seen["act_order"])
+    assert torch.equal(fast.weight.codes.float(), codes)
+    assert torch.equal(fast.weight.scales, scales) and torch.equal(fast.weight.zeros, zeros)

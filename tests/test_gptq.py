@@ -79,8 +79,9 @@ def test_damping_increases_until_cholesky_succeeds():
 # ---- fast paths against a straightforward implementation of the same math ----------------------
 
 def reference_gptq(w, H, grid, block_size=128, damp=0.01, act_order=False):
-    """GPTQ as the paper writes it: per column quantize, err = (w − q) / d, rank-1 update of the
-    rest of the block; lazy update of later blocks. Returns (codes, scales, zeros, loss)."""
+    """GPTQ as the paper writes it, on Wᵀ as quantkit's solver always has (so that the lazy block
+    update is the same matmul): per column quantize, err = (w − q) / d, rank-1 update of the rest
+    of the block; one matmul for the later blocks. Returns (codes, scales, zeros, loss)."""
     W, H = w.float().clone(), H.float().clone()
     n, k = W.shape
     dead = H.diag() == 0
@@ -92,25 +93,25 @@ def reference_gptq(w, H, grid, block_size=128, damp=0.01, act_order=False):
     if act_order:
         for g in range(k // gsize):
             scales[:, g], zeros[:, g] = grid.fit(W[:, g * gsize : (g + 1) * gsize])
-    W, H = W[:, perm], H[perm][:, perm]
+    Wt, H = W.t()[perm], H[perm][:, perm]
     Hinv, _ = inverse_cholesky(H, damp)
-    codes, loss = torch.zeros(n, k), torch.zeros(n)
+    codes, loss = torch.zeros(k, n), torch.zeros(n)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1)
+        W1, Err1 = Wt[i1:i2].clone(), torch.zeros(i2 - i1, n)
         for i in range(i2 - i1):
             col = perm[i1 + i].item()
             g = col // gsize
             if not act_order and col % gsize == 0:
-                scales[:, g], zeros[:, g] = grid.fit(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gsize])
-            q = grid.quantize(W1[:, i : i + 1], scales[:, g], zeros[:, g])[:, 0]
-            codes[:, i1 + i] = q
-            err = (W1[:, i] - scales[:, g] * (q - zeros[:, g])) / Hinv[i1 + i, i1 + i]
+                scales[:, g], zeros[:, g] = grid.fit(torch.cat([W1[i:], Wt[i2:]])[:gsize].t())
+            q = grid.quantize(W1[i][:, None], scales[:, g], zeros[:, g])[:, 0]
+            codes[i1 + i] = q
+            err = (W1[i] - scales[:, g] * (q - zeros[:, g])) / Hinv[i1 + i, i1 + i]
             loss += err.square() / 2
-            W1[:, i:] -= err[:, None] * Hinv[i1 + i, i1 + i : i2][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return codes[:, torch.argsort(perm)], scales, zeros, loss.sum().item()
+            W1[i:] -= Hinv[i1 + i, i1 + i : i2, None] * err[None, :]
+            Err1[i] = err
+        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
+    return codes[torch.argsort(perm)].t(), scales, zeros, loss.sum().item()
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -28,7 +28,7 @@ def attention_concentration(
     k: torch.Tensor,
     scaling: float,
     attention_mask: torch.Tensor | None = None,
-    chunk: int = 128,
+    chunk: int = 256,
 ) -> torch.Tensor:
     """r_j = Σ_h Σ_i A_h[i, j], A_h = softmax_j(q_h,i · k_g(h),j · scaling + mask): float32 [B, T].
 
@@ -36,9 +36,11 @@ def attention_concentration(
     h // (Hq / Hkv). Causal masking always applies; ``attention_mask`` [B, 1, T, T] (True or 0 =
     attend, False or −inf = masked) further restricts it, e.g. for padding. A query that sees
     no key contributes nothing. Queries are processed ``chunk`` at a time against the keys they
-    can see, so scores take B·Hq·chunk·T floats at most; chunks of 64–128 queries ran 1.2–1.45×
-    faster than 256 on one thread (SmolLM2's 9/3 heads at T = 512, Llama-8B's 32/8 at T = 2048:
-    the scores of a chunk stay in cache), the same r to 1e-6.
+    can see, so scores take B·Hq·chunk·T floats at most. Chunks of 64–128 queries ran 1.2–1.45×
+    faster than 256 on one thread (SmolLM2's 9/3 heads at T = 512, Llama-8B's 32/8 at T = 2048),
+    with r equal to 1e-6 but summed in another order, which flips rounding ties in SmolLM2's GPTQ
+    codes (layer 0 k_proj, then every later layer): the default stays 256 until a perplexity
+    comparison over seeds decides.
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
