@@ -57,13 +57,16 @@ def awq_scale_search(
     grid: Grid,
     duo: bool = False,
     n_grid: int = 20,
-    coarse: int = 4,
+    coarse: int = 1,
 ) -> ScaleSearch:
     """Search AWQ scales for Linears ``weights`` ([O_i, C] each) reading inputs with Hessian H [C, C]
     and mean |x| ``x_absmean`` [C] over all calibration tokens, over α ∈ {0, 1/n_grid, …}.
 
-    Coarse to fine: every ``coarse``-th α first, then every α between the best one's coarse
-    neighbours (at most ~12 of 20 evaluations for coarse = 4); ``coarse`` = 1 tries the whole grid."""
+    ``coarse`` > 1 searches coarse to fine: every ``coarse``-th α first, then every α between the
+    best one's coarse neighbours (11 of 20 evaluations for coarse = 4, 1.8× less time). On SmolLM2's
+    90 groups (default recipe, W3 g64) it picked the full grid's α in 89; in the last layer's
+    down_proj the error over α has an isolated minimum (0.45) that it missed, for 15% more output
+    error there. So the default stays the whole grid (coarse = 1) until perplexity decides."""
     H = H.float()
     W = torch.cat([w.float() for w in weights])
     x_mag = x_absmean.float().clamp(min=1e-8)
