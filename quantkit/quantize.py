@@ -155,6 +155,10 @@ def run(
         weights = None
     else:
         model, tokenizer, adapter, weights = load_model_lazy(source, trust_remote_code, allow_pickle)
+    if recipe.export_format == "gguf" and writes:
+        from quantkit.export.gguf import preflight
+
+        preflight(model.config, source)
     tokens = calibration_tokens(tokenizer, calibration, recipe) if recipe.needs_calibration else None
     if world.is_main:
         parallel = f", {world.size} data-parallel processes" if world.size > 1 else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -111,6 +112,14 @@ def test_cli_refuses_with_one_line(tiny_llama, tmp_path):
     assert r.exit_code == 1 and "is no GGUF block type" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["quantize", str(tiny_llama), str(tmp_path / "o"), "--gguf-type", "Q9_9", "--method", "rtn"])
     assert r.exit_code == 1 and "--gguf-type Q9_9: choose one of" in r.output
+    spm = tmp_path / "spm"  # a SentencePiece-style BPE (byte fallback): refused before quantizing
+    shutil.copytree(tiny_llama, spm)
+    spec = json.loads((spm / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True
+    (spm / "tokenizer.json").write_text(json.dumps(spec))
+    r = CliRunner().invoke(cli, ["quantize", str(spm), str(tmp_path / "o"), "--gguf-type", "Q4_0", "--method", "rtn"])
+    assert r.exit_code == 1 and "SentencePiece tokenizers are not supported" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")
