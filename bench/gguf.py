@@ -57,9 +57,9 @@ def tensor_types(path: Path) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K", "Q3_K"])
-    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "quantkit" / "gguf-bench")
     ap.add_argument("--name", default="gguf", help="results file bench/results/NAME.json")
     ap.add_argument("--llama-only", action="store_true", help="only llama.cpp's own files (no quantkit runs, no table)")
