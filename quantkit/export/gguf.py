@@ -602,7 +602,7 @@ def model_card(filename: str, recipe, manifest: dict) -> str:
         f"{' + AWQ' if recipe.awq else ''}{', Hadamard-rotated' if recipe.rotate else ''} onto llama.cpp's {recipe.gguf_type} "
         f"grid (`{filename}`; rows whose length is no multiple of 256 use llama.cpp's fallback type, the LM head "
         "Q6_K or Q8_0 as llama.cpp's quantizer chooses).", "",
-        "```bash", f"llama-cli -m {filename} -p 'The capital of France is'", f"ollama create my-model -f <(echo 'FROM ./{filename}')",
+        "```bash", f"llama-cli -m {filename} -p 'The capital of France is'", f"echo 'FROM ./{filename}' > Modelfile && ollama create my-model -f Modelfile",
         "```", "",
         "```python", "from llama_cpp import Llama", "", f'llm = Llama(model_path="{filename}")',
         'print(llm("The capital of France is", max_tokens=20)["choices"][0]["text"])', "```", "",
