@@ -150,6 +150,8 @@ def test_export_file_and_reader(tiny_256, calib_text, tmp_path, gguf_type, rotat
     assert types["blk.0.ffn_down.weight"] == {"Q4_K": "Q5_0", "Q3_K": "Q4_0"}.get(gguf_type, gguf_type)  # in_features 384
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "F16"
     assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"  - {gguf_type}" in card.split("---")[1] and f"llama-cli -m model-{gguf_type}.gguf" in card
     loaded = load_gguf(path)
     ours = dict(loaded.named_parameters())
     for name, p in result.model.named_parameters():
@@ -218,6 +220,17 @@ def test_llamacpp_reads_every_type(tiny_256, tmp_path, gguf_type):
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]
     assert (theirs - ours).norm() / ours.norm() < 4e-2, gguf_type
+
+
+def test_verified_with_names_the_built_llamacpp():
+    """VERIFIED_WITH (written into quantkit.json) names the llama-cpp-python these tests run."""
+    from quantkit.export.gguf import VERIFIED_WITH
+
+    if not (LLAMACPP / ".quantkit-ready").is_file():
+        pytest.skip(f"llama.cpp venv not built ({LLAMACPP}): run bash bench/peers/make_venvs.sh llamacpp")
+    out = subprocess.run([str(LLAMACPP / "bin" / "python"), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == VERIFIED_WITH["llama.cpp"]["packages"]["llama-cpp-python"]
 
 
 @pytest.mark.slow
