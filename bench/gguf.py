@@ -29,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import ROOT, quantkit, require_data, save, timed  # noqa: E402
 
+# this script is bench/gguf.py: drop bench/ from the path so that `import gguf` finds the package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 PEERS_DIR = Path(os.environ.get("QUANTKIT_PEERS_DIR") or Path.home() / ".cache" / "quantkit-peers")
 VENV = PEERS_DIR / "llamacpp"
 TOOLS = VENV / "llama.cpp"
