@@ -29,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import ROOT, quantkit, require_data, save, timed  # noqa: E402
 
+# this script is bench/gguf.py: drop bench/ from the path so that `import gguf` finds the package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 PEERS_DIR = Path(os.environ.get("QUANTKIT_PEERS_DIR") or Path.home() / ".cache" / "quantkit-peers")
 VENV = PEERS_DIR / "llamacpp"
 TOOLS = VENV / "llama.cpp"
@@ -57,11 +60,12 @@ def tensor_types(path: Path) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K", "Q3_K"])
-    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "quantkit" / "gguf-bench")
     ap.add_argument("--name", default="gguf", help="results file bench/results/NAME.json")
+    ap.add_argument("--llama-only", action="store_true", help="only llama.cpp's own files (no quantkit runs, no table)")
     args = ap.parse_args()
     if not (VENV / ".quantkit-ready").is_file():
         sys.exit(f"bench: {VENV} not built: run bash bench/peers/make_venvs.sh llamacpp")
@@ -89,8 +93,15 @@ def main() -> None:
         tool("llama-imatrix", "-m", str(fp), "-f", str(calib), "-o", str(imatrix), "-c", str(args.seqlen),
              "--chunks", str(args.nsamples), "-t", threads)
 
+    cache_file = work / "perplexities.json"  # {file name: [size, mtime, ids file, ppl]}: reruns skip measured files
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+
     def ppl(path: Path) -> float:
-        return probe("perplexity", str(path), str(ids), "512")["perplexity"]
+        key = [path.stat().st_size, path.stat().st_mtime, ids.name]
+        if cache.get(path.name, [None] * 3)[:3] != key:
+            cache[path.name] = key + [probe("perplexity", str(path), str(ids), "512")["perplexity"]]
+            cache_file.write_text(json.dumps(cache, indent=1))
+        return cache[path.name][3]
 
     rows = []
     fp_ppl = ppl(fp)
@@ -103,6 +114,10 @@ def main() -> None:
             if not out.is_file():
                 tool("llama-quantize", "--pure", "--token-embedding-type", "q8_0", *extra, str(fp), str(out), gguf_type, threads)
             files[label] = out
+        if args.llama_only:
+            for label, path in files.items():
+                print(f"{gguf_type} {label}: ppl {ppl(path):.3f}", file=sys.stderr)
+            continue
         ours_dir = work / f"quantkit-{gguf_type}-{args.nsamples}x{args.seqlen}"
         if not ours_dir.is_dir():
             _, seconds, _ = timed(quantkit("quantize", model, str(ours_dir), "--gguf-type", gguf_type, "--calibration",
@@ -117,6 +132,8 @@ def main() -> None:
             row[f"{label} MiB"] = round(path.stat().st_size / 2**20, 2)
             print(f"{gguf_type} {label}: ppl {row[label]:.3f}", file=sys.stderr)
         rows.append(row)
+    if args.llama_only:
+        return
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "fp_ppl": fp_ppl, "rows": rows}
     save(args.name, result)

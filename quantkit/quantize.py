@@ -156,6 +156,10 @@ def run(
                 weights = None
             else:
                 model, tokenizer, adapter, weights = load_model_lazy(source, trust_remote_code, allow_pickle)
+            if recipe.export_format == "gguf" and writes:
+                from quantkit.export.gguf import preflight
+
+                preflight(model.config, source)
             tokens, calibration_info = None, None
             if recipe.needs_calibration:
                 tokens, calibration_info = calibration_tokens(tokenizer, calibration, recipe, chat_template)

@@ -411,18 +411,33 @@ def _pre_tokenizer(tok, pre_tokenizer: dict | None, source: Path) -> str:
                         f"quantkit knows ({', '.join(sorted(set(_PRE_TOKENIZERS.values())))}, gpt-2, smollm)")
 
 
-def _add_tokenizer(writer, source: Path, config) -> None:
-    """Vocab, token types, BPE merges, special tokens and chat template of the HF tokenizer in ``source``."""
-    gguf = _gguf()
+def _bpe_tokenizer(source: Path):
+    """(HF tokenizer, llama.cpp pre-tokenizer name) of the byte-level BPE tokenizer in ``source``."""
     from transformers import AutoTokenizer
 
     tj = source / "tokenizer.json"
-    model = json.loads(tj.read_text()).get("model", {}) if tj.is_file() else {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    spec = json.loads(tj.read_text()) if tj.is_file() else {}
+    if spec.get("model", {}).get("type") != "BPE" or spec["model"].get("byte_fallback"):
         raise QuantkitError(f"--format gguf: '{source}' has no byte-level BPE tokenizer.json (GPT-2 style); "
                             "SentencePiece tokenizers are not supported yet")
     tok = AutoTokenizer.from_pretrained(str(source))
-    pre = _pre_tokenizer(tok, json.loads(tj.read_text()).get("pre_tokenizer"), source)
+    return tok, _pre_tokenizer(tok, spec.get("pre_tokenizer"), source)
+
+
+def preflight(config, source: str | None) -> None:
+    """Refuse, before any quantization, what the GGUF writer would refuse at the end."""
+    if not source or not Path(source).is_dir():
+        raise QuantkitError("--format gguf needs a local model folder (for its tokenizer files)")
+    if config.model_type not in ARCHS:
+        raise QuantkitError(f"--format gguf supports {', '.join(ARCHS)}, not '{config.model_type}'")
+    _rope_theta(config)
+    _bpe_tokenizer(Path(source))
+
+
+def _add_tokenizer(writer, source: Path, config) -> None:
+    """Vocab, token types, BPE merges, special tokens and chat template of the HF tokenizer in ``source``."""
+    gguf = _gguf()
+    tok, pre = _bpe_tokenizer(source)
     vocab = {i: t for t, i in tok.get_vocab().items()}
     added, decoder = tok.get_added_vocab(), tok.added_tokens_decoder
     tokens, types = [], []
@@ -477,8 +492,6 @@ def write_gguf(path: Path, config, tokenizer_dir: Path, tensors: Tensors, gguf_t
     """Write the GGUF file: metadata, tokenizer, then ``tensors()`` — called twice (tensor infos, then
     data), it yields (GGUF name, array, GGMLQuantizationType or None for a plain F16/F32 array)."""
     gguf = _gguf()
-    if config.model_type not in ARCHS:
-        raise QuantkitError(f"--format gguf supports {', '.join(ARCHS)}, not '{config.model_type}'")
     writer = gguf.GGUFWriter(str(path), ARCHS[config.model_type])
     try:
         _add_metadata(writer, config, name, gguf_type)
@@ -537,6 +550,7 @@ def _state_items(state: dict[str, torch.Tensor], config, name_map, gguf_type, ti
 def export_fp(model: nn.Module, tokenizer_dir: str | Path, path: str | Path) -> Path:
     """An unquantized (F32) GGUF of ``model``: the reference llama.cpp's own quantizer starts from."""
     config = model.config
+    preflight(config, str(tokenizer_dir))
     state = {k: v.detach() for k, v in model.state_dict().items()}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     name_map = _name_map(config)
@@ -553,8 +567,7 @@ def finish(folder: Path, model: nn.Module, source: str | None, recipe, manifest:
 
     from quantkit.export.writer import write_json
 
-    if not source or not Path(source).is_dir():
-        raise QuantkitError("--format gguf needs a local model folder (for its tokenizer files)")
+    preflight(model.config, source)
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
     name_map = _name_map(config)
@@ -589,7 +602,7 @@ def model_card(filename: str, recipe, manifest: dict) -> str:
         f"{' + AWQ' if recipe.awq else ''}{', Hadamard-rotated' if recipe.rotate else ''} onto llama.cpp's {recipe.gguf_type} "
         f"grid (`{filename}`; rows whose length is no multiple of 256 use llama.cpp's fallback type, the LM head "
         "Q6_K or Q8_0 as llama.cpp's quantizer chooses).", "",
-        "```bash", f"llama-cli -m {filename} -p 'The capital of France is'", f"ollama create my-model -f <(echo 'FROM ./{filename}')",
+        "```bash", f"llama-cli -m {filename} -p 'The capital of France is'", f"echo 'FROM ./{filename}' > Modelfile && ollama create my-model -f Modelfile",
         "```", "",
         "```python", "from llama_cpp import Llama", "", f'llm = Llama(model_path="{filename}")',
         'print(llm("The capital of France is", max_tokens=20)["choices"][0]["text"])', "```", "",
