@@ -131,16 +131,16 @@ def quantkit_decode_rate(folder: Path, ids: list[int], args: argparse.Namespace)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device)
     prompts = torch.tensor([ids[:32]] * args.batch, device=args.device)
 
-    def generate(tokens: int) -> None:
-        model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=tokens, min_new_tokens=tokens,
+    def generate(lm, tokens: int) -> None:
+        lm.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=tokens, min_new_tokens=tokens,
                        do_sample=False)
         if args.device == "cuda":
             torch.cuda.synchronize()
 
     with torch.no_grad():
-        generate(4)  # warm-up: kernels compiled, caches allocated
+        generate(model, 4)  # warm-up: kernels compiled, caches allocated
         started = time.perf_counter()
-        generate(args.decode_tokens)
+        generate(model, args.decode_tokens)
         seconds = time.perf_counter() - started
     del model
     if args.device == "cuda":

@@ -2,7 +2,7 @@
 # Create (once) the cached peer-tool venvs used by bench/peers/ probes, interop
 # tests and peer benchmarks.
 #
-#   bench/peers/make_venvs.sh              # gptqmodel, llmcompressor, vllm, latest
+#   bench/peers/make_venvs.sh              # gptqmodel, llmcompressor, vllm, latest, llamacpp
 #   bench/peers/make_venvs.sh gptqmodel    # only one
 #   bench/peers/make_venvs.sh llamacpp     # llama-cpp-python + llama-quantize/-imatrix/-perplexity
 #   QUANTKIT_PEERS_DIR=/some/dir bench/peers/make_venvs.sh
@@ -162,7 +162,7 @@ make_llamacpp() {
 }
 
 targets=("$@")
-[[ ${#targets[@]} -eq 0 ]] && targets=(gptqmodel llmcompressor vllm latest)
+[[ ${#targets[@]} -eq 0 ]] && targets=(gptqmodel llmcompressor vllm latest llamacpp)
 for t in "${targets[@]}"; do
     case "$t" in
         gptqmodel) make_venv gptqmodel "${GPTQMODEL_PKGS[@]}" ;;
