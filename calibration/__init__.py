@@ -114,13 +114,7 @@ def read_chats(path: Path) -> list[list[dict]]:
     if path.suffix.lower() != ".jsonl":
         raise QuantkitError(f"--chat-template reads a .jsonl file with a 'messages' field per line, not '{path}'")
     chats = []
-    for lineno, line in enumerate(_decode(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise QuantkitError(f"{path}:{lineno} is not valid JSON: each line must be an object with 'messages'") from None
+    for lineno, record in _jsonl_records(path, _decode(path), "messages"):
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
@@ -158,15 +152,20 @@ def _decode(path: Path) -> str:
         raise QuantkitError(f"{path} is not UTF-8 text (byte {e.start}): pass a UTF-8 text file") from None
 
 
-def _jsonl_text(path: Path, decoded: str) -> str:
-    texts = []
+def _jsonl_records(path: Path, decoded: str, field: str):
+    """(line number, parsed JSON) of every non-blank line of a .jsonl file whose records carry ``field``."""
     for lineno, line in enumerate(decoded.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError:
-            raise QuantkitError(f"{path}:{lineno} is not valid JSON: each line must be an object with 'text'") from None
+            raise QuantkitError(f"{path}:{lineno} is not valid JSON: each line must be an object with '{field}'") from None
+
+
+def _jsonl_text(path: Path, decoded: str) -> str:
+    texts = []
+    for lineno, record in _jsonl_records(path, decoded, "text"):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             hint = ": it has 'messages', pass --chat-template" if isinstance(record, dict) and "messages" in record else ""
             raise QuantkitError(f"{path}:{lineno} has no string 'text' field{hint}")

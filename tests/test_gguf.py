@@ -192,14 +192,20 @@ def test_llamacpp_runs_fp_export_like_transformers(tiny_256, tmp_path, model_typ
                 p.normal_(0.0 if name.endswith("bias") else 1.0, 0.2)
     path = export_fp(model, folder, tmp_path / "fp.gguf")
     assert load_gguf(path).state_dict().keys() == model.state_dict().keys()
+    theirs, ours = logits_both(path, model, tmp_path)
+    # measured 5e-4 (llama.cpp keeps K/V in fp16); without the permutation 0.63
+    assert (theirs - ours).norm() / ours.norm() < 2e-3
+
+
+def logits_both(path, model, tmp_path):
+    """(llama.cpp's, ``model``'s) logits [48, vocab] on the same 48 random token ids, for the GGUF file ``path``."""
     ids = torch.randint(2, model.config.vocab_size, (48,), generator=torch.Generator().manual_seed(0)).tolist()
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     llamacpp("logits", str(path), str(tmp_path / "ids.json"), str(tmp_path / "logits.npy"))
     theirs = torch.from_numpy(np.load(tmp_path / "logits.npy"))
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]
-    # measured 5e-4 (llama.cpp keeps K/V in fp16); without the permutation 0.63
-    assert (theirs - ours).norm() / ours.norm() < 2e-3
+    return theirs, ours
 
 
 @pytest.mark.parametrize("gguf_type", TYPES)
@@ -213,12 +219,7 @@ def test_llamacpp_reads_every_type(tiny_256, tmp_path, gguf_type):
     run(str(tiny_256), tmp_path / "q", recipe, show_progress=False)
     path = tmp_path / "q" / f"model-{gguf_type}.gguf"
     model = load_gguf(path)
-    ids = torch.randint(2, model.config.vocab_size, (48,), generator=torch.Generator().manual_seed(0)).tolist()
-    (tmp_path / "ids.json").write_text(json.dumps(ids))
-    llamacpp("logits", str(path), str(tmp_path / "ids.json"), str(tmp_path / "logits.npy"))
-    theirs = torch.from_numpy(np.load(tmp_path / "logits.npy"))
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0]
+    theirs, ours = logits_both(path, model, tmp_path)
     assert (theirs - ours).norm() / ours.norm() < 4e-2, gguf_type
 
 
