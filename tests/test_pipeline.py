@@ -6,11 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-import quantkit.pipeline
+import quantkit.methods.solvers
+import quantkit.walk
 
 from conftest import make_tiny_model
 from quantkit.model import load_model
-from quantkit.pipeline import quantize_layers
+from quantkit.walk import walk_layers
 from quantkit.recipe import Recipe
 
 
@@ -23,8 +24,8 @@ def walk(folder, reusable: bool, recipe: Recipe):
         layer.mlp.gate_proj.register_forward_hook(lambda *_: calls.append(1))
     tokens = torch.randint(0, model.config.vocab_size, (6, 48), generator=torch.Generator().manual_seed(0))
     # batch_tokens 96 = 2 windows per forward: 3 batches, so reuse must pick the right batch
-    results = dict(quantize_layers(model, adapter, tokens, recipe, torch.device("cpu"), show_progress=False,
-                                   batch_tokens=96))
+    results = dict(walk_layers(model, adapter, tokens, recipe, torch.device("cpu"), show_progress=False,
+                                batch_tokens=96))
     return results, model, len(calls)
 
 
@@ -57,12 +58,12 @@ def test_stacked_solves_give_each_linear_its_own_result(tmp_path, monkeypatch, m
     folder = make_tiny_model(tmp_path / model_type, model_type, layers=2, hidden=64)
     recipe = Recipe(bits=3, group_size=32, sym=False, awq=False)
     solved = []
-    solve = quantkit.pipeline.gptq_quantize
-    monkeypatch.setattr(quantkit.pipeline, "gptq_quantize", lambda w, *a, **k: solved.append(w.shape[0]) or solve(w, *a, **k))
+    solve = quantkit.methods.solvers.gptq_quantize
+    monkeypatch.setattr(quantkit.methods.solvers, "gptq_quantize", lambda w, *a, **k: solved.append(w.shape[0]) or solve(w, *a, **k))
     stacked, _, _ = walk(folder, True, recipe)
     stacked_rows = list(solved)
     solved.clear()
-    monkeypatch.setattr(quantkit.pipeline, "_stacks", lambda owners: [[name] for name in owners])
+    monkeypatch.setattr(quantkit.walk, "_stacks", lambda owners: [[name] for name in owners])
     apart, _, _ = walk(folder, True, recipe)
     config = load_model(str(folder), torch.float32)[0].config
     hidden, inter = config.hidden_size, config.intermediate_size
