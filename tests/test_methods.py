@@ -20,7 +20,7 @@ from quantkit.walk.capture import layer_outputs
 
 
 def test_recipe_and_cli_take_their_names_from_the_table():
-    with pytest.raises(QuantkitError, match="--importance nope: choose one of uniform, attncon, actnorm, first-last"):
+    with pytest.raises(QuantkitError, match="--importance nope: choose one of uniform, attncon, actnorm, first-last, actdiff"):
         Recipe(importance="nope")
     with pytest.raises(QuantkitError, match="--method nope: choose one of rtn, gptq"):
         Recipe(method="nope")
@@ -153,3 +153,25 @@ def test_the_walk_computes_fp_outputs_only_when_asked(tmp_path, monkeypatch):
     list(walk_layers(model, adapter, tokens, Recipe(bits=4, group_size=32), torch.device("cpu"), show_progress=False))
     assert calls == [3]  # the output pass only (layer, inputs, reuse)
 
+
+def test_actdiff_scores_how_much_the_fp_layer_changes_each_token(tmp_path, monkeypatch):
+    """One module and one table entry: the walk offers the FP outputs it asks for."""
+    import quantkit.methods.actdiff
+
+    folder = make_tiny_model(tmp_path / "llama", "llama", layers=2, hidden=64)
+    model, _, adapter = load_model(str(folder), torch.float32)
+    reference, _, _ = load_model(str(folder), torch.float32)
+    tokens = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    scores = []
+    score = quantkit.methods.actdiff.activation_difference
+    monkeypatch.setattr(quantkit.methods.actdiff, "activation_difference", lambda b: scores.append(score(b)) or scores[-1])
+    recipe = Recipe(bits=3, group_size=32, sym=False, importance="actdiff", awq=False)
+    list(walk_layers(model, adapter, tokens, recipe, torch.device("cpu"), show_progress=False, batch_tokens=64))
+    assert len(scores) == 2 * 2  # two layers, two batches of two windows
+    seen = {}
+    layer = reference.model.layers[0]
+    handle = layer.register_forward_hook(lambda _m, a, out: seen.update(x=a[0], y=out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        reference(input_ids=tokens, use_cache=False)
+    handle.remove()
+    torch.testing.assert_close(torch.cat(scores[:2]), (seen["y"] - seen["x"]).norm(dim=-1), rtol=1e-5, atol=1e-5)

@@ -78,7 +78,7 @@ def test_stacked_solves_give_each_linear_its_own_result(tmp_path, monkeypatch, m
             assert torch.equal(q.zeros, apart[i][name].zeros), (i, name)
 
 
-@pytest.mark.parametrize("importance", ["attncon", "actnorm", "first-last"])
+@pytest.mark.parametrize("importance", ["attncon", "actnorm", "first-last", "actdiff"])
 def test_unit_importance_reproduces_plain_gptq_bit_for_bit(tmp_path, importance):
     """Every importance mapped to the range [1, 1] weighs each token by exactly 1: the weighted
     Hessian path must then give plain (uniform) GPTQ's codes and scales, bit for bit."""

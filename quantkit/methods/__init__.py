@@ -137,6 +137,8 @@ register(Method("importance", "actnorm", "activation-norm", "‖x_t‖ of the la
                 entry=_I + "activation_norm"))
 register(Method("importance", "first-last", "first/last-token", "the first and last 512 positions, ramped",
                 frozenset({INPUTS}), entry=_I + "first_last"))
+register(Method("importance", "actdiff", "activation-difference", "‖y_t − x_t‖: how much the FP layer changes each token",
+                frozenset({INPUTS, FP_OUTPUTS}), entry="quantkit.methods.actdiff:activation_difference"))
 
 _S = "quantkit.methods.solvers:"
 register(Method("solver", "rtn", "RTN", "round to nearest", scope="stack", entry=_S + "rtn_stack"))
