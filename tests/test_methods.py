@@ -175,3 +175,11 @@ def test_actdiff_scores_how_much_the_fp_layer_changes_each_token(tmp_path, monke
         reference(input_ids=tokens, use_cache=False)
     handle.remove()
     torch.testing.assert_close(torch.cat(scores[:2]), (seen["y"] - seen["x"]).norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_wise_method_refuses_moe_layers(tiny_moe, block_wise):
+    model, _, adapter = load_model(str(tiny_moe("mixtral")), torch.float32)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    for recipe, name in ((Recipe(method="lsq-down"), "solver lsq-down"), (Recipe(importance="actdiff"), "importance actdiff")):
+        with pytest.raises(QuantkitError, match=f"layer 0 is a mixture of experts: {name} needs the whole FP layer"):
+            list(walk_layers(model, adapter, tokens, recipe, torch.device("cpu"), show_progress=False))

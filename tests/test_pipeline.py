@@ -58,8 +58,8 @@ def test_stacked_solves_give_each_linear_its_own_result(tmp_path, monkeypatch, m
     folder = make_tiny_model(tmp_path / model_type, model_type, layers=2, hidden=64)
     recipe = Recipe(bits=3, group_size=32, sym=False, awq=False)
     solved = []
-    solve = quantkit.methods.solvers.gptq_quantize
-    monkeypatch.setattr(quantkit.methods.solvers, "gptq_quantize", lambda w, *a, **k: solved.append(w.shape[0]) or solve(w, *a, **k))
+    solve = quantkit.methods.solvers.gptq_solve
+    monkeypatch.setattr(quantkit.methods.solvers, "gptq_solve", lambda w, *a, **k: solved.append(w.shape[0]) or solve(w, *a, **k))
     stacked, _, _ = walk(folder, True, recipe)
     stacked_rows = list(solved)
     solved.clear()

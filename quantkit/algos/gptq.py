@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al., 2022): column-by-column quantization with error feedback through H⁻¹.
 
 Two verbs, as in the reference solver: ``Hessian.add_batch`` accumulates H = (2/n) Σ_t r_t x_t x_tᵀ
-over calibration tokens (r_t = token importance, 1 for plain GPTQ), ``gptq_quantize`` solves.
+over calibration tokens (r_t = token importance, 1 for plain GPTQ), ``gptq_solve`` solves.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> tuple[to
     raise CholeskyError(f"Hessian not positive definite even with damp {damp / 10:g}")
 
 
-def gptq_quantize(
+def gptq_solve(
     w: torch.Tensor,
     H: torch.Tensor,
     grid: Grid | BlockGrid,

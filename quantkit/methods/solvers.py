@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.algos.gptq import CholeskyError, Hessian, gptq_quantize
-from quantkit.algos.quantizer import QuantizedWeight, rtn_quantize
+from quantkit.algos.gptq import CholeskyError, Hessian, gptq_solve
+from quantkit.algos.quantizer import QuantizedWeight, round_to_nearest
 from quantkit.errors import QuantkitError
 from quantkit.progress import warn
 from quantkit.recipe import Recipe
@@ -15,7 +15,7 @@ from quantkit.recipe import Recipe
 
 def rtn_stack(weight: torch.Tensor, _hessian: None, recipe: Recipe, grid, _where: str) -> tuple[QuantizedWeight, None]:
     """Round to nearest: needs no statistics."""
-    return rtn_quantize(weight, grid, recipe.clip_search), None
+    return round_to_nearest(weight, grid, recipe.clip_search), None
 
 
 def gptq_stack(weight: torch.Tensor, hessian: Hessian, recipe: Recipe, grid, where: str) -> tuple[QuantizedWeight, float]:
@@ -24,7 +24,7 @@ def gptq_stack(weight: torch.Tensor, hessian: Hessian, recipe: Recipe, grid, whe
     if not torch.isfinite(H).all():
         raise QuantkitError(f"NaN or Inf in the activations entering {where}")
     try:
-        result = gptq_quantize(
+        result = gptq_solve(
             weight, H, grid, block_size=recipe.block_size, damp=recipe.damp, act_order=recipe.act_order,
             clip_search=recipe.clip_search,
         )

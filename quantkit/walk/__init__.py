@@ -84,6 +84,8 @@ def walk_layers(
                 release(layer, dtype, weights)
                 progress.layer_done()
                 continue
+            if adapter.moe_block(layer) is not None:
+                check_moe_plan(plan, i)
             ctx = check_layer(i, layer, adapter, recipe, dtype, inputs, world, device, weights)
             transform(ctx, [m for m in plan.transforms if not m.needs], states, progress)
             if inputs is not None and plan.needs(methods.FP_OUTPUTS):
@@ -151,6 +153,16 @@ def check_layer(i: int, layer: nn.Module, adapter: Adapter, recipe: Recipe, dtyp
         if not torch.isfinite(p).all():
             raise QuantkitError(f"NaN or Inf in the weights of layer {i} ({name}): the checkpoint is damaged")
     return LayerContext(i, prefix, layer, layer_adapter, adapter, recipe, recipe.grid, dtype, inputs, world, block, bank)
+
+
+def check_moe_plan(plan: methods.Plan, i: int) -> None:
+    """An MoE layer's experts are solved one at a time by a stack solver, and the layer never runs
+    whole before its experts are solved: refuse methods needing the whole FP layer."""
+    whole = [m for m in plan.methods if m.scope == "layer" and m.kind == "solver" or methods.FP_OUTPUTS in m.needs]
+    if whole:
+        names = ", ".join(f"{m.kind} {m.name}" for m in whole)
+        raise QuantkitError(f"layer {i} is a mixture of experts: {names} needs the whole FP layer, which the walk "
+                            "does not run for MoE layers; choose another method")
 
 
 def transform(ctx: LayerContext, transforms: list[methods.Method], states: dict, progress: LayerProgress) -> None:
