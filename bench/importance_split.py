@@ -30,7 +30,7 @@ from quantkit.algos.importance import (
 )
 from quantkit.calibration import load_text, random_windows, tokenize
 from quantkit.model import load_model
-from quantkit.pipeline import _attention_inputs, _forward, capture_inputs
+from quantkit.walk.capture import capture_inputs, capture_qk, layer_outputs
 from quantkit.testmodel import prepare
 
 MAPS = {"fixed [0.005, 1]": None, "length-invariant": REFERENCE_LENGTH}
@@ -48,7 +48,7 @@ def layer_shares(model, adapter, tokens: torch.Tensor) -> dict[str, list[tuple[f
         layer.float()
         per_map = {name: [] for name in MAPS}
         for x in inputs.batches():
-            q, k, mask, scaling = _attention_inputs(layer, x, inputs.kwargs)
+            q, k, mask, scaling = capture_qk(layer, adapter, x, inputs.kwargs)
             r = attention_concentration(q, k, scaling, mask)
             sqnorm = layer.input_layernorm(x).float().square().sum(-1)
             for name, reference in MAPS.items():
@@ -57,7 +57,7 @@ def layer_shares(model, adapter, tokens: torch.Tensor) -> dict[str, list[tuple[f
                 per_map[name] += list(zip(*(v.tolist() for v in split)))
         for name, pairs in per_map.items():
             shares[name].append(tuple(statistics.mean(p[i] for p in pairs) for i in range(5)))
-        inputs.hidden = _forward(layer, inputs)
+        inputs.hidden = layer_outputs(layer, inputs)
     return shares
 
 

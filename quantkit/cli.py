@@ -13,7 +13,8 @@ import click
 
 from quantkit.calibration import check_source
 from quantkit.errors import QuantkitError, error_line, escape, read_json
-from quantkit.recipe import FORMATS, IMPORTANCE, IMPORTANCE_MAPS, METHODS, PRESETS, Recipe
+from quantkit import methods
+from quantkit.recipe import FORMATS, IMPORTANCE_MAPS, PRESETS, Recipe
 
 
 class _Group(click.Group):
@@ -54,12 +55,15 @@ DEMO_EVAL_TOKENS = 8192
 @click.option("--bits", type=int, help="Weight bits: 2, 3, 4 or 8.  [default: 4]")
 @click.option("--group-size", type=int, help="Columns per scale; -1 = per output channel.  [default: largest of 128/64/32 that fits]")
 @click.option("--sym/--asym", default=None, help="Symmetric or asymmetric grid.  [default: sym]")
-@click.option("--method", type=click.Choice(METHODS), help="Rounding: rtn or gptq.  [default: gptq]")
+@click.option("--method", type=click.Choice(methods.names("solver")),
+              help="Solver: " + "; ".join(f"{m}: {methods.get('solver', m).summary}" for m in methods.names("solver"))
+              + ".  [default: gptq]")
 @click.option("--damp", type=float, help="GPTQ damping, fraction of mean diag(H).  [default: 0.01]")
 @click.option("--act-order/--no-act-order", default=None, help="GPTQ column order by diag(H), static groups.  [default: on]")
 @click.option("--rotate/--no-rotate", default=None, help="Fuse Hadamard rotations (R1 residual, R2 per head).")
 @click.option("--rotation-seed", type=int, help="Seed of the random rotation signs.  [default: 0]")
-@click.option("--importance", type=click.Choice(IMPORTANCE), help="Token importance weighting the Hessian.  [default: attncon with gptq, uniform with rtn]")
+@click.option("--importance", type=click.Choice(methods.names("importance")),
+              help="Token importance weighting the Hessian.  [default: attncon with gptq, uniform with rtn]")
 @click.option("--importance-min", type=float, help="Lowest mapped importance.  [default: 0.005]")
 @click.option("--importance-max", type=float, help="Highest mapped importance.  [default: 1.0]")
 @click.option("--importance-map", type=click.Choice(IMPORTANCE_MAPS),

@@ -13,26 +13,7 @@ from quantkit.algos.rotation import (
     rotate_input,
     rotate_output,
 )
-from quantkit.errors import QuantkitError
 from quantkit.model import Adapter, MoeSpec
-
-
-def _check_rms_norm(norm: nn.Module, where: str) -> None:
-    if not type(norm).__name__.endswith("RMSNorm") or getattr(norm, "bias", None) is not None:
-        raise QuantkitError(
-            f"--rotate cannot fold {where} ({type(norm).__name__}): only RMSNorm with a plain weight folds exactly; "
-            "quantize without --rotate"
-        )
-
-
-def check_rotatable(model: nn.Module, adapter: Adapter) -> None:
-    """Refuse models whose norms cannot be folded (e.g. Gemma's (1 + w) or post-norms)."""
-    if getattr(model.config, "model_type", "").startswith("gemma"):
-        raise QuantkitError("--rotate does not support Gemma-style norms; quantize without --rotate")
-    _check_rms_norm(adapter.final_norm(model), "the final norm")
-    for i, layer in enumerate(adapter.layers(model)):
-        for norm_name, _ in adapter.norm_readers:
-            _check_rms_norm(layer.get_submodule(norm_name), f"layer {i} {norm_name}")
 
 
 def _scaled_rows(Q: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,11 +53,54 @@ class Adapter:
     )
     value_proj: str = "self_attn.v_proj"
     attn_out_proj: str = "self_attn.o_proj"
+    attention_path: str = "self_attn"  # a transformers attention module (calls the configured attention function)
+    decoder_path: str = "model"  # the decoder stack: embeddings → layers → final norm, without the LM head
+    # whether the norms are plain RMSNorm weights γ (y = γ ⊙ x/rms(x)) that fold into the next Linears;
+    # False for (1 + γ) or post-norm architectures (Gemma), which --rotate refuses
+    norms_fold: bool = True
 
     moe: MoeSpec | None = None  # mixture-of-experts layers (None: every layer is dense)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.decoder_path)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.get_submodule(self.attention_path)
+
+    @contextmanager
+    def attention_function(self, layer: nn.Module, name: str) -> Iterator[None]:
+        """While inside, ``layer``'s attention calls the function registered with transformers'
+        ``AttentionInterface`` as ``name`` (it receives post-RoPE q, k, v and the mask)."""
+        config = self.attention(layer).config
+        original = config._attn_implementation
+        config._attn_implementation = name
+        try:
+            yield
+        finally:
+            config._attn_implementation = original
+
+    def check_foldable(self, model: nn.Module) -> None:
+        """Raise QuantkitError unless every norm before the residual readers (and the final norm) is
+        a plain RMSNorm whose weight folds exactly into the Linears reading it (needed by --rotate)."""
+        if not self.norms_fold:
+            raise QuantkitError(f"--rotate does not support {self.name}'s norms; quantize without --rotate")
+
+        def check(norm: nn.Module, where: str) -> None:
+            if not type(norm).__name__.endswith("RMSNorm") or getattr(norm, "bias", None) is not None:
+                raise QuantkitError(f"--rotate cannot fold {where} ({type(norm).__name__}): only RMSNorm with a plain "
+                                    "weight folds exactly; quantize without --rotate")
+
+        check(self.final_norm(model), "the final norm")
+        for i, layer in enumerate(self.layers(model)):
+            for norm_name, _ in self.norm_readers:
+                check(layer.get_submodule(norm_name), f"layer {i} {norm_name}")
+
+    def moe_input_norm(self) -> str:
+        """The norm whose output the MoE block reads (its router, experts and shared expert)."""
+        return next(n for n, readers in self.norm_readers if readers[0].startswith(self.moe.block + "."))
 
     def linear_names(self) -> list[str]:
         return [name for group in self.sequential for name in group]
@@ -70,10 +115,10 @@ class Adapter:
         return owners
 
     def embed(self, model: nn.Module) -> nn.Embedding:
-        return model.model.embed_tokens
+        return self.decoder(model).embed_tokens
 
     def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.model.norm
+        return self.decoder(model).norm
 
     def lm_head(self, model: nn.Module) -> nn.Linear:
         return model.lm_head
@@ -83,7 +128,7 @@ class Adapter:
 
     def pre_layer_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules the first decoder layer's inputs are computed with (run on the compute device)."""
-        return [model.model.embed_tokens, model.model.rotary_emb]
+        return [self.decoder(model).embed_tokens, self.decoder(model).rotary_emb]
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The layer's sparse MoE block (router + experts), or None for a dense layer (e.g. a

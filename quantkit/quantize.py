@@ -19,7 +19,7 @@ from quantkit.checkpoint import WeightSource
 from quantkit.distributed import World, init_world
 from quantkit.export.writer import ExportFolder, ResumeState
 from quantkit.model import Adapter, compute_device, load_model, load_model_lazy
-from quantkit.pipeline import quantize_layers
+from quantkit.walk import walk_layers
 from quantkit.preflight import SMALL_CALIBRATION
 from quantkit.progress import log, warn
 from quantkit.recipe import Recipe
@@ -89,9 +89,9 @@ def quantize_model(
     def restore(i: int, layer: nn.Module) -> None:
         exporter.restore_layer(i, f"{prefix}.{i}", layer)
 
-    walk = quantize_layers(model, adapter, tokens, recipe, device, show_progress, offload=offload,
-                           weights=weights, restore=restore, start=start, world=world, verbose=verbose,
-                           experts_sink=exporter)
+    walk = walk_layers(model, adapter, tokens, recipe, device, show_progress, offload=offload,
+                       weights=weights, restore=restore, start=start, world=world, verbose=verbose,
+                       experts_sink=exporter)
     for i, results in walk:
         if exporter is not None:
             written = exporter.add_layer(i, f"{prefix}.{i}", layers[i], results)

@@ -5,15 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
+from quantkit import methods
 from quantkit.errors import QuantkitError
 
 if TYPE_CHECKING:  # torch stays unimported until a grid is built (quantkit.cli validates recipes without it)
     from quantkit.algos.quantizer import BlockGrid, Grid
 
 BITS = (2, 3, 4, 8)
-METHODS = ("rtn", "gptq")
 FORMATS = ("auto", "gptq", "compressed-tensors", "awq", "gguf")
-IMPORTANCE = ("uniform", "attncon", "actnorm", "first-last")
 IMPORTANCE_MAPS = ("length-invariant", "fixed")  # floor scaled by 4096/seqlen, or the authors' fixed [min, max]
 
 
@@ -32,24 +31,31 @@ class Recipe:
     seed: int = 0
     rotate: bool = False
     rotation_seed: int = 0
-    importance: str | None = None  # None: attncon with GPTQ (it weights the Hessian), uniform with RTN
+    importance: str | None = None  # None: attncon with a solver on a Hessian (it weights H), uniform otherwise
     importance_min: float = 0.005
     importance_max: float = 1.0
-    importance_map: str | None = None  # None: length-invariant with attncon, fixed with the others
+    importance_map: str | None = None  # None: length-invariant with attention shares (attncon), fixed with the others
     expand: int = 1
-    awq: bool | None = None  # None: on with GPTQ, off with RTN (which then needs no calibration)
+    awq: bool | None = None  # None: on with a solver on a Hessian (GPTQ), off with RTN (which then needs no calibration)
     awq_duo: bool = False
     awq_clip: bool = False
     clip_search: bool = False  # MSE search of each group's range when its grid is fitted (RTN and GPTQ)
     gguf_type: str | None = None  # --format gguf: the GGUF block type (None: chosen from bits/group/sym)
 
     def __post_init__(self) -> None:
+        solvers, strategies = methods.names("solver"), methods.names("importance")
+        if self.method not in solvers:
+            raise QuantkitError(f"--method {self.method}: choose one of {', '.join(solvers)}")
+        on_hessian = methods.HESSIAN in methods.get("solver", self.method).needs
         if self.awq is None:
-            object.__setattr__(self, "awq", self.method == "gptq")
+            object.__setattr__(self, "awq", on_hessian)
         if self.importance is None:
-            object.__setattr__(self, "importance", "attncon" if self.method == "gptq" else "uniform")
+            object.__setattr__(self, "importance", "attncon" if on_hessian else "uniform")
+        if self.importance not in strategies:
+            raise QuantkitError(f"--importance {self.importance}: choose one of {', '.join(strategies)}")
+        shares = methods.get("importance", self.importance).shares
         if self.importance_map is None:
-            object.__setattr__(self, "importance_map", "length-invariant" if self.importance == "attncon" else "fixed")
+            object.__setattr__(self, "importance_map", "length-invariant" if shares else "fixed")
         if self.format == "gguf" or self.gguf_type is not None:
             from quantkit.export.gguf import check_recipe
 
@@ -61,16 +67,13 @@ class Recipe:
                                 "stores them: drop --clip-search or choose another --format")
         if self.group_size != -1 and self.group_size < 1:
             raise QuantkitError(f"--group-size {self.group_size}: use -1 (per-channel) or a positive size such as 128")
-        if self.method not in METHODS:
-            raise QuantkitError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
         if self.format not in FORMATS:
             raise QuantkitError(f"--format {self.format}: choose one of {', '.join(FORMATS)}")
-        if self.importance not in IMPORTANCE:
-            raise QuantkitError(f"--importance {self.importance}: choose one of {', '.join(IMPORTANCE)}")
         if self.importance_map not in IMPORTANCE_MAPS:
             raise QuantkitError(f"--importance-map {self.importance_map}: choose one of {', '.join(IMPORTANCE_MAPS)}")
-        if self.importance_map == "length-invariant" and self.importance != "attncon":
-            raise QuantkitError(f"--importance-map length-invariant is for --importance attncon (attention shares), "
+        if self.importance_map == "length-invariant" and not shares:
+            shared = ", ".join(n for n in strategies if methods.get("importance", n).shares)
+            raise QuantkitError(f"--importance-map length-invariant is for --importance {shared} (attention shares), "
                                 f"not {self.importance}: use --importance-map fixed")
         if not 0 < self.damp < 10:
             raise QuantkitError(f"--damp {self.damp}: use a fraction of the mean Hessian diagonal, e.g. 0.01")
@@ -90,9 +93,9 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        """GPTQ's Hessians and AWQ's statistics come from calibration activations (weighted by the
-        token importance); RTN alone needs none."""
-        return self.method == "gptq" or self.awq
+        """Whether a method of the recipe needs statistics of calibration activations (GPTQ's
+        Hessians, AWQ's); RTN alone needs none."""
+        return methods.plan(self).needs_calibration
 
     @property
     def export_format(self) -> str:

@@ -6,7 +6,7 @@ import torch
 from conftest import make_tiny_model
 from quantkit.algos.awq import apply_clip, awq_clip_search, awq_scale_search, output_error
 from quantkit.algos.gptq import Hessian
-from quantkit.algos.quantizer import Grid, rtn_quantize
+from quantkit.algos.quantizer import Grid, round_to_nearest
 from quantkit.fuse import scale_readers
 from quantkit.model import adapter_for, load_model
 
@@ -50,7 +50,7 @@ def token_error(x, r, W, W_hat):
 def test_output_error_is_the_weighted_token_error():
     x, w = salient_problem()
     r = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(3)) * 2
-    w_hat = rtn_quantize(w, Grid(3, 32, sym=False)).dequantize()
+    w_hat = round_to_nearest(w, Grid(3, 32, sym=False)).dequantize()
     assert output_error(hessian(x, r), w, w_hat) == pytest.approx(token_error(x, r, w, w_hat), rel=1e-4)
 
 
@@ -59,13 +59,13 @@ def test_alpha_zero_is_plain_quantization_and_search_never_loses():
     grid = Grid(3, 32, sym=False)
     H = hessian(x)
     found = awq_scale_search(H, x.abs().mean(0), [w[:48], w[48:]], grid)
-    plain = output_error(H, w, rtn_quantize(w, grid).dequantize())
+    plain = output_error(H, w, round_to_nearest(w, grid).dequantize())
     assert found.errors[0.0] == pytest.approx(plain, rel=1e-5)
     assert min(found.errors.values()) <= found.errors[0.0]
     assert found.alpha > 0  # with salient channels, scaling must help
     assert found.errors[found.alpha] == min(found.errors.values())
-    chosen = rtn_quantize(w * found.scales, grid).dequantize() / found.scales
-    assert token_error(x, torch.ones(x.shape[0]), w, chosen) < token_error(x, torch.ones(x.shape[0]), w, rtn_quantize(w, grid).dequantize())
+    chosen = round_to_nearest(w * found.scales, grid).dequantize() / found.scales
+    assert token_error(x, torch.ones(x.shape[0]), w, chosen) < token_error(x, torch.ones(x.shape[0]), w, round_to_nearest(w, grid).dequantize())
 
 
 def test_full_grid_tries_every_alpha_and_keeps_the_best():
@@ -79,7 +79,7 @@ def test_full_grid_tries_every_alpha_and_keeps_the_best():
     for alpha in (0.0, full.alpha, 0.95):
         s = x.abs().mean(0).pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        w_hat = rtn_quantize(w * s, grid).dequantize() / s
+        w_hat = round_to_nearest(w * s, grid).dequantize() / s
         assert full.errors[alpha] == pytest.approx(output_error(H, w, w_hat), rel=1e-5)
 
 
@@ -117,8 +117,8 @@ def test_clip_search_never_worse_than_no_clip():
     assert shrink.shape == (96, 4) and (shrink <= 1).all() and (shrink < 1).any()
     clipped = apply_clip(w, shrink, grid)
     r = torch.ones(x.shape[0])
-    err_clip = token_error(x, r, w, rtn_quantize(clipped, grid).dequantize())
-    err_plain = token_error(x, r, w, rtn_quantize(w, grid).dequantize())
+    err_clip = token_error(x, r, w, round_to_nearest(clipped, grid).dequantize())
+    err_plain = token_error(x, r, w, round_to_nearest(w, grid).dequantize())
     assert err_clip <= err_plain
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantkit.algos.gptq import gptq_quantize
-from quantkit.algos.quantizer import Grid, rtn_quantize
+from quantkit.algos.gptq import gptq_solve
+from quantkit.algos.quantizer import Grid, round_to_nearest
 from quantkit.cli import cli
 
 
@@ -35,20 +35,20 @@ def test_search_picks_the_best_of_the_authors_candidates(sym):
 
 def test_rtn_and_gptq_fit_groups_with_the_search():
     grid, w = Grid(3, 32, False), heavy_tailed(seed=1)
-    q = rtn_quantize(w, grid, clip_search=True)
+    q = round_to_nearest(w, grid, clip_search=True)
     blocks = w.reshape(-1, 32)
     scale, zero = grid.search(blocks)
     assert torch.equal(q.scales.reshape(-1), scale) and torch.equal(q.zeros.reshape(-1), zero)
-    assert not torch.equal(q.scales, rtn_quantize(w, grid).scales)
+    assert not torch.equal(q.scales, round_to_nearest(w, grid).scales)
     # per-channel GPTQ without act-order fits each row's grid once, on the original weights
     x = torch.randn(256, 64, generator=torch.Generator().manual_seed(2))
     H = x.t() @ x / 128
     channel = Grid(3, -1, True)
-    searched = gptq_quantize(w, H, channel, clip_search=True).weight
+    searched = gptq_solve(w, H, channel, clip_search=True).weight
     assert torch.equal(searched.scales[:, 0], channel.search(w)[0])
-    assert torch.equal(gptq_quantize(w, H, channel).weight.scales[:, 0], channel.fit(w)[0])
+    assert torch.equal(gptq_solve(w, H, channel).weight.scales[:, 0], channel.fit(w)[0])
     # with act-order's static groups too
-    static = gptq_quantize(w, H, grid, act_order=True, clip_search=True).weight
+    static = gptq_solve(w, H, grid, act_order=True, clip_search=True).weight
     assert torch.equal(static.scales.reshape(-1), scale)
 
 

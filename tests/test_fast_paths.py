@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import quantkit.algos.gptq
-import quantkit.pipeline
+import quantkit.methods.solvers
 from quantkit.algos.gptq import GPTQResult
 from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.quantize import run
@@ -32,7 +32,7 @@ def test_fast_paths_leave_the_export_byte_identical(tiny_llama, calib_text, tmp_
     recipe = Recipe(nsamples=8, seqlen=64, **extra)
     run(str(tiny_llama), tmp_path / "fast", recipe, calibration=str(calib_text), show_progress=False)
 
-    monkeypatch.setattr(quantkit.pipeline, "gptq_quantize", reference_solver)
+    monkeypatch.setattr(quantkit.methods.solvers, "gptq_solve", reference_solver)
     monkeypatch.setattr(quantkit.algos.gptq, "gram", lambda x: x.t() @ x)
     run(str(tiny_llama), tmp_path / "reference", recipe, calibration=str(calib_text), show_progress=False)
     assert export_files(tmp_path / "fast") == export_files(tmp_path / "reference")
@@ -53,13 +53,13 @@ def test_solver_matches_the_reference_on_smollm2s_first_stack(smollm2, shared_da
         seen.update(w=w.clone(), H=H.clone(), grid=grid, act_order=act_order)
         raise _Enough
 
-    monkeypatch.setattr(quantkit.pipeline, "gptq_quantize", grab)
+    monkeypatch.setattr(quantkit.methods.solvers, "gptq_solve", grab)
     recipe = Recipe(bits=3, group_size=64, sym=False, nsamples=8, seqlen=256)
     with pytest.raises(_Enough):
         run(str(smollm2), None, recipe, calibration=str(shared_data / "c4-sample.txt"), show_progress=False)
     w, H, grid = seen["w"], seen["H"], seen["grid"]
     assert w.shape == (960, 576)
-    fast = quantkit.algos.gptq.gptq_quantize(w, H, grid, act_order=seen["act_order"])
+    fast = quantkit.algos.gptq.gptq_solve(w, H, grid, act_order=seen["act_order"])
     codes, scales, zeros, _ = reference_gptq(w, H, grid, act_order=seen["act_order"])
     assert torch.equal(fast.weight.codes.float(), codes)
     assert torch.equal(fast.weight.scales, scales) and torch.equal(fast.weight.zeros, zeros)

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 gguf = pytest.importorskip("gguf")
 
-from quantkit.algos.gptq import gptq_quantize  # noqa: E402
-from quantkit.algos.quantizer import BLOCK_TYPES, BlockGrid, QuantizedWeight, rtn_quantize  # noqa: E402
+from quantkit.algos.gptq import gptq_solve  # noqa: E402
+from quantkit.algos.quantizer import BLOCK_TYPES, BlockGrid, QuantizedWeight, round_to_nearest  # noqa: E402
 from quantkit.cli import cli  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.export.gguf import (  # noqa: E402
@@ -47,7 +47,7 @@ def awkward_weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("gguf_type", TYPES)
 def test_rtn_round_trip_bit_exact(gguf_type):
     w = awkward_weights(8, 512)
-    q = rtn_quantize(w, BlockGrid(gguf_type))
+    q = round_to_nearest(w, BlockGrid(gguf_type))
     rows = pack_blocks(q, gguf_type)
     size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[gguf_type]][1]
     assert rows.shape == (8, 512 // BLOCK_TYPES[gguf_type].span * size)
@@ -70,7 +70,7 @@ def test_gptq_on_block_grid(gguf_type, act_order):
     x = torch.randn(1024, 512, generator=g) @ torch.randn(512, 512, generator=g) * 0.1
     H = 2 * x.t() @ x / x.shape[0]
     w = torch.randn(32, 512, generator=g) * 0.05
-    result = gptq_quantize(w, H, BlockGrid(gguf_type), act_order=act_order)
+    result = gptq_solve(w, H, BlockGrid(gguf_type), act_order=act_order)
     rows = pack_blocks(result.weight, gguf_type)
     theirs = torch.from_numpy(gguf.quants.dequantize(rows.numpy(), gguf.GGMLQuantizationType[gguf_type]))
     assert torch.equal(theirs, result.weight.dequantize())
@@ -78,7 +78,7 @@ def test_gptq_on_block_grid(gguf_type, act_order):
     def loss(v):
         return torch.einsum("ni,ij,nj->", w - v, H, w - v).item()
 
-    assert loss(theirs) < 0.7 * loss(rtn_quantize(w, BlockGrid(gguf_type)).dequantize())
+    assert loss(theirs) < 0.7 * loss(round_to_nearest(w, BlockGrid(gguf_type)).dequantize())
 
 
 def test_k_quant_fallback_and_refusals():
@@ -86,7 +86,7 @@ def test_k_quant_fallback_and_refusals():
     assert BlockGrid("Q3_K").for_columns(576).type == "Q4_0"
     assert BlockGrid("Q6_K").for_columns(640).type == "Q8_0"
     assert BlockGrid("Q4_K").for_columns(512).type == "Q4_K"
-    q = rtn_quantize(torch.randn(4, 256), BlockGrid("Q4_K"))
+    q = round_to_nearest(torch.randn(4, 256), BlockGrid("Q4_K"))
     bad = QuantizedWeight(q.codes, q.scales * 1.0001, q.zeros, q.g_idx, q.bits, q.group_size, q.offset)
     with pytest.raises(QuantkitError, match="cannot be stored exactly"):
         pack_blocks(bad, "Q4_K")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from quantkit.algos.gptq import CholeskyError, Hessian, gptq_quantize, gram, inverse_cholesky
-from quantkit.algos.quantizer import Grid, rtn_quantize
+from quantkit.algos.gptq import CholeskyError, Hessian, gptq_solve, gram, inverse_cholesky
+from quantkit.algos.quantizer import Grid, round_to_nearest
 
 
 def hessian_error(w, q, H):
@@ -28,8 +28,8 @@ def random_problem(seed, n=64, k=256, tokens=512):
 def test_gptq_error_never_above_rtn(seed, bits, group_size, sym, act_order):
     w, H = random_problem(seed)
     grid = Grid(bits, group_size, sym)
-    gptq = gptq_quantize(w, H, grid, act_order=act_order)
-    rtn = rtn_quantize(w, grid).dequantize()
+    gptq = gptq_solve(w, H, grid, act_order=act_order)
+    rtn = round_to_nearest(w, grid).dequantize()
     assert hessian_error(w, gptq.weight.dequantize(), H) <= hessian_error(w, rtn, H)
 
 
@@ -40,7 +40,7 @@ def test_exported_weights_are_what_the_loop_used(group_size, act_order):
     OBS error decomposition), so it must match the exported codes, scales and zeros; one wrong
     code shows."""
     w, H = random_problem(7)
-    result = gptq_quantize(w, H, Grid(3, group_size, False), act_order=act_order, block_size=48)
+    result = gptq_solve(w, H, Grid(3, group_size, False), act_order=act_order, block_size=48)
     damped = H + result.damp * H.diag().mean() * torch.eye(H.shape[0])
     q = result.weight.dequantize()
     assert result.loss == pytest.approx(hessian_error(w.double(), q.double(), damped.double()) / 2, rel=1e-5)
@@ -63,7 +63,7 @@ def test_dead_columns_are_zeroed():
     w, H = random_problem(1)
     H[5, :] = 0
     H[:, 5] = 0
-    result = gptq_quantize(w, H, Grid(4, 64, True))
+    result = gptq_solve(w, H, Grid(4, 64, True))
     assert torch.all(result.weight.dequantize()[:, 5] == 0)
 
 
@@ -124,7 +124,7 @@ def test_solver_matches_the_reference_bit_for_bit(seed, bits, group_size, sym, a
     w, H = random_problem(seed)
     grid = Grid(bits, group_size, sym)
     codes, scales, zeros, loss = reference_gptq(w, H, grid, block_size, act_order=act_order)
-    fast = gptq_quantize(w, H, grid, block_size=block_size, act_order=act_order)
+    fast = gptq_solve(w, H, grid, block_size=block_size, act_order=act_order)
     assert torch.equal(fast.weight.codes.float(), codes)
     assert torch.equal(fast.weight.scales, scales) and torch.equal(fast.weight.zeros, zeros)
     assert fast.loss == pytest.approx(loss, rel=1e-6)
@@ -136,7 +136,7 @@ def test_solver_matches_the_reference_on_a_real_layer_shape(act_order):
     w, H = random_problem(0, n=960, k=576, tokens=2048)
     grid = Grid(3, 64, False)
     codes, scales, zeros, _ = reference_gptq(w, H, grid, act_order=act_order)
-    fast = gptq_quantize(w, H, grid, act_order=act_order)
+    fast = gptq_solve(w, H, grid, act_order=act_order)
     assert torch.equal(fast.weight.codes.float(), codes) and torch.equal(fast.weight.scales, scales)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantkit.algos.quantizer import Grid, rtn_quantize
+from quantkit.algos.quantizer import Grid, round_to_nearest
 from quantkit.export import gptq
 from quantkit.recipe import Recipe
 from quantkit.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
@@ -44,7 +44,7 @@ def test_awq_round_trip_and_order():
 def test_gptq_layout_round_trip_through_quantlinear(bits, sym, group_size):
     torch.manual_seed(bits)
     w = torch.randn(64, 128)
-    q = rtn_quantize(w, Grid(bits, group_size, sym, min_zero=0 if sym else 1))
+    q = round_to_nearest(w, Grid(bits, group_size, sym, min_zero=0 if sym else 1))
     tensors = gptq.pack_linear("m", q, Recipe(bits=bits, group_size=group_size, sym=sym, format="gptq"))
     k, n = 128, 64
     g = 1 if group_size == -1 else k // group_size
@@ -61,7 +61,7 @@ def test_gptq_layout_round_trip_through_quantlinear(bits, sym, group_size):
 
 def test_gptq_v1_refuses_zero_point_zero():
     w = torch.rand(32, 32)  # all positive: asymmetric zero point 0
-    q = rtn_quantize(w, Grid(4, 32, sym=False))
+    q = round_to_nearest(w, Grid(4, 32, sym=False))
     assert (q.zeros == 0).any()
     with pytest.raises(Exception, match="zero point of 0"):
         gptq.pack_linear("m", q, Recipe(sym=False, format="gptq"))

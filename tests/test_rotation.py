@@ -5,9 +5,9 @@ import torch
 
 from conftest import make_tiny_model
 from quantkit.errors import QuantkitError
-from quantkit.fuse import check_rotatable, rotate_layer
+from quantkit.fuse import rotate_layer
 from quantkit.model import adapter_for, load_model
-from quantkit.pipeline import Rotation, prepare_rotation
+from quantkit.methods.rotate import Rotation, prepare_rotation
 from quantkit.recipe import Recipe
 
 
@@ -62,4 +62,4 @@ def test_rotate_refuses_unfoldable_norms(tmp_path):
     adapter = adapter_for(model.config)
     model.model.layers[1].post_attention_layernorm = torch.nn.LayerNorm(model.config.hidden_size)
     with pytest.raises(QuantkitError, match="layer 1 post_attention_layernorm"):
-        check_rotatable(model, adapter)
+        adapter.check_foldable(model)

@@ -43,7 +43,7 @@ def output_error(H: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, rows: in
 
 
 def _round_trip(W: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """W [O, C] quantized on ``grid`` and read back (what ``rtn_quantize(W, grid).dequantize()`` gives)."""
+    """W [O, C] quantized on ``grid`` and read back (what ``round_to_nearest(W, grid).dequantize()`` gives)."""
     o, c = W.shape
     grid = grid.for_columns(c)
     scale, zero = grid.fit_span(W.reshape(-1, grid.span(c)))  # a span's groups are fitted together

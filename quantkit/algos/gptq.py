@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al., 2022): column-by-column quantization with error feedback through H⁻¹.
 
 Two verbs, as in the reference solver: ``Hessian.add_batch`` accumulates H = (2/n) Σ_t r_t x_t x_tᵀ
-over calibration tokens (r_t = token importance, 1 for plain GPTQ), ``gptq_quantize`` solves.
+over calibration tokens (r_t = token importance, 1 for plain GPTQ), ``gptq_solve`` solves.
 """
 
 from __future__ import annotations
@@ -64,6 +64,12 @@ class Hessian:
     def value(self) -> torch.Tensor:
         return (self.sum * (2.0 / max(self.tokens, 1))).float()
 
+    def scale_inputs(self, d: torch.Tensor) -> None:
+        """Become the Hessian of the inputs x' = D x, D = diag(d) [K]: Σ r x' x'ᵀ = D (Σ r x xᵀ) D
+        (in float64), e.g. after AWQ folded 1/s into the op writing x (d = 1/s)."""
+        d = d.to(self.sum.device, torch.float64)
+        self.sum.mul_(d[:, None]).mul_(d[None, :])
+
 
 @dataclass
 class GPTQResult:
@@ -104,7 +110,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> tuple[to
     raise CholeskyError(f"Hessian not positive definite even with damp {damp / 10:g}")
 
 
-def gptq_quantize(
+def gptq_solve(
     w: torch.Tensor,
     H: torch.Tensor,
     grid: Grid | BlockGrid,

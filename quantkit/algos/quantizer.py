@@ -283,7 +283,7 @@ class QuantizedWeight:
                 for c, s, z in parts]
 
 
-def rtn_quantize(w: torch.Tensor, grid: Grid | BlockGrid, clip_search: bool = False) -> QuantizedWeight:
+def round_to_nearest(w: torch.Tensor, grid: Grid | BlockGrid, clip_search: bool = False) -> QuantizedWeight:
     """Round-to-nearest: w [N, K] -> QuantizedWeight on ``grid`` (K divisible by its span);
     ``clip_search``: each group's range from ``Grid.search`` instead of its min/max."""
     n, k = w.shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from quantkit import methods
 from quantkit.calibration import NAMED_SETS
 from quantkit.algos.importance import REFERENCE_LENGTH, length_invariant_floor
 from quantkit.moe import coverage_table
@@ -22,9 +23,6 @@ EXTRA_PACKAGES = {
     "awq": ("gptqmodel", "AWQ needs `gptqmodel` (transformers ≥ 5 uses its AWQ kernels; older transformers used `autoawq`)."),
 }
 
-IMPORTANCE_NAMES = {"attncon": "attention-concentration", "actnorm": "activation-norm", "first-last": "first/last-token"}
-
-
 def _is_hub_id(source: str) -> bool:
     """'org/name' that is not a local folder: the only kind of base_model the Hub accepts."""
     return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
@@ -41,7 +39,7 @@ def recipe_label(recipe: Recipe) -> str:
     method = recipe.method.upper() + (" + AWQ" if recipe.awq else "") + (" + Hadamard rotation" if recipe.rotate else "")
     parts = [method]
     if recipe.needs_calibration and recipe.importance != "uniform":
-        parts.append(f"{IMPORTANCE_NAMES[recipe.importance]} importance [{recipe.importance_min:g}, {recipe.importance_max:g}]")
+        parts.append(f"{methods.label('importance', recipe.importance)} importance [{recipe.importance_min:g}, {recipe.importance_max:g}]")
     group = "per-channel" if recipe.group_size == -1 else f"g{recipe.group_size}"
     parts.append(f"W{recipe.bits} {group} {'sym' if recipe.sym else 'asym'}")
     return ", ".join(parts)
@@ -51,7 +49,7 @@ def recipe_steps(recipe: Recipe) -> list[str]:
     """What runs on each decoder layer, in order, as the progress header names it."""
     steps = ["Hadamard rotation (R1, R2)"] if recipe.rotate else []
     if recipe.needs_calibration and recipe.importance != "uniform":
-        steps.append(f"{IMPORTANCE_NAMES[recipe.importance]} token importance "
+        steps.append(f"{methods.label('importance', recipe.importance)} token importance "
                      f"[{recipe.importance_min:g}, {recipe.importance_max:g}]")
     if recipe.awq:
         steps.append("AWQ scales" + " + duo" * recipe.awq_duo + " + clip" * recipe.awq_clip)
@@ -118,7 +116,7 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
     group = "per output channel" if recipe.group_size == -1 else f"group size {recipe.group_size}"
     scheme = f"{recipe.bits}-bit, {group}, {'symmetric' if recipe.sym else 'asymmetric'}"
     if recipe.needs_calibration and recipe.importance != "uniform":
-        scheme += f", {IMPORTANCE_NAMES[recipe.importance]} token importance"
+        scheme += f", {methods.label('importance', recipe.importance)} token importance"
         if recipe.importance_map == "length-invariant":
             floor = length_invariant_floor(recipe.importance_min, recipe.importance_max, recipe.seqlen)
             scheme += (f" (length-invariant floor {floor:.3g} at {recipe.seqlen}-token windows, "

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from quantkit import __version__
-from quantkit.algos.quantizer import BLOCK_TYPES, BlockGrid, QuantizedWeight, rtn_quantize
+from quantkit.algos.quantizer import BLOCK_TYPES, BlockGrid, QuantizedWeight, round_to_nearest
 from quantkit.errors import QuantkitError
 
 TYPES = tuple(BLOCK_TYPES)
@@ -295,7 +295,7 @@ def dequantize_blocks(data: torch.Tensor, gguf_type: str) -> torch.Tensor:
 
 def quantize_rtn(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
     """GGUF rows of w [N, K] rounded to nearest on ``gguf_type`` (the LM head, tied embeddings)."""
-    return pack_blocks(rtn_quantize(w, BlockGrid(gguf_type)), gguf_type)
+    return pack_blocks(round_to_nearest(w, BlockGrid(gguf_type)), gguf_type)
 
 
 # ---------------------------------------------------------------- exporter interface
