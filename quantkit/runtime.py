@@ -1,6 +1,6 @@
 """Runtime: ``QuantLinear`` and loading an export (ours or another tool's) as a torch model.
 
-Every format is converted once at load time into one runtime layout (see ``quantkit.packing``):
+Every format is converted once at load time into one runtime layout (see ``quantkit.formats.packing``):
 qweight int32 [K·b/32, N] packed along K, qzeros int32 [K/G, N·b/32] holding the *actual* zero
 points packed along N, scales [K/G, N], g_idx int32 [K].
 """
@@ -17,7 +17,7 @@ from quantkit.kernels import dispatch as kernels
 from quantkit.checkpoint import build_meta, check_layer_count, is_pickle, materialize_buffers, open_safetensors, weight_files
 from quantkit.errors import QuantkitError, read_json
 from quantkit.model import adapter_for, check_model_ends, load_config
-from quantkit.packing import dequantize, unpack_cols, unpack_rows
+from quantkit.formats.packing import dequantize, unpack_cols, unpack_rows
 
 
 class QuantLinear(nn.Module):
@@ -89,7 +89,7 @@ REQUIRED = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros"
 
 def _grid(qc: dict, where: Path) -> tuple[int, int]:
     """(bits, group size; -1 = per output channel) that ``qc`` declares, validated."""
-    from quantkit.export import compressed_tensors
+    from quantkit.formats import compressed_tensors
 
     method = qc.get("quant_method")
     if method == "compressed-tensors":

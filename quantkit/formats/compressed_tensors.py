@@ -21,7 +21,7 @@ import torch
 
 from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.errors import QuantkitError
-from quantkit.packing import pack_cols, pack_rows
+from quantkit.formats.packing import pack_cols, pack_rows
 from quantkit.recipe import Recipe
 
 LEAVES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")

@@ -14,7 +14,7 @@ import torch
 from quantkit import __version__
 from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.errors import QuantkitError
-from quantkit.packing import pack_cols, pack_rows, to_int32, unpack_cols, unpack_rows
+from quantkit.formats.packing import pack_cols, pack_rows, to_int32, unpack_cols, unpack_rows
 from quantkit.recipe import Recipe
 
 

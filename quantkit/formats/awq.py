@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.algos.quantizer import QuantizedWeight
-from quantkit.packing import pack_awq, pack_cols, pack_rows, unpack_awq
+from quantkit.formats.packing import pack_awq, pack_cols, pack_rows, unpack_awq
 from quantkit.recipe import Recipe
 
 LEAVES = ("qweight", "qzeros", "scales")
