@@ -169,7 +169,7 @@ def resolve_recipe(model: str, recipe_file: Path | None, preset: str | None, fmt
     if fmt is not None:
         values["format"] = fmt
     if values.get("gguf_type"):  # a GGUF type sets its own bits, group size and symmetry
-        from quantkit.export.gguf import recipe_defaults
+        from quantkit.formats.gguf import recipe_defaults
 
         gguf_type = str(values["gguf_type"]).upper()
         values = {**recipe_defaults(gguf_type), **values, "gguf_type": gguf_type}
@@ -221,7 +221,7 @@ def eval_(model, dataset, seqlen, max_tokens, device, dtype, trust_remote_code, 
     from quantkit.runtime import load_quantized, quantization_config
 
     check_windows(seqlen, max_tokens)
-    from quantkit.export.gguf import gguf_file
+    from quantkit.formats.gguf import gguf_file
 
     dev = compute_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None

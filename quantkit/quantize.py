@@ -157,7 +157,7 @@ def run(
             else:
                 model, tokenizer, adapter, weights = load_model_lazy(source, trust_remote_code, allow_pickle)
             if recipe.export_format == "gguf" and writes:
-                from quantkit.export.gguf import preflight
+                from quantkit.formats.gguf import preflight
 
                 preflight(model.config, source)
             tokens, calibration_info = None, None

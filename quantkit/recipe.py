@@ -51,7 +51,7 @@ class Recipe:
         if self.importance_map is None:
             object.__setattr__(self, "importance_map", "length-invariant" if self.importance == "attncon" else "fixed")
         if self.format == "gguf" or self.gguf_type is not None:
-            from quantkit.export.gguf import check_recipe
+            from quantkit.formats.gguf import check_recipe
 
             object.__setattr__(self, "gguf_type", check_recipe(self))
         elif self.bits not in BITS:

@@ -191,7 +191,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear``; every
     quantized Linear is checked against the config (``check_runtime_layer``) before use. A GGUF file
     or folder: dense Linears holding its dequantized weights, float32 unless ``dtype``."""
-    from quantkit.export.gguf import gguf_file, load_gguf
+    from quantkit.formats.gguf import gguf_file, load_gguf
 
     if (gguf_path := gguf_file(path)) is not None:
         return load_gguf(gguf_path, dtype or torch.float32).to(device)

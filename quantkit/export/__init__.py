@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quantkit.algos.quantizer import QuantizedWeight
-from quantkit.export import gguf
-from quantkit.formats import awq, compressed_tensors, gptq
+from quantkit.formats import awq, compressed_tensors, gguf, gptq
 from quantkit.export.card import model_card
 from quantkit.export.writer import MANIFEST, ShardWriter, write_json, write_part, write_text
 from quantkit.model import Adapter
