@@ -32,6 +32,7 @@ from quantkit.algos.quantizer import QuantizedWeight, rtn_quantize
 from quantkit.checkpoint import WeightSource
 from quantkit.distributed import World
 from quantkit.errors import QuantkitError
+from quantkit.formats import check_packable
 from quantkit.fuse import check_rotatable, rotate_layer, rotate_model_ends, rotate_moe_block, scale_readers
 from quantkit.model import Adapter
 from quantkit.moe import MIN_EXPERT_TOKENS, Coverage, ExpertBank, expert_hidden, expert_mlp, route
@@ -98,8 +99,7 @@ def check_shapes(layer: nn.Module, index: int, adapter: Adapter, recipe: Recipe)
             raise QuantkitError(
                 f"--group-size {recipe.group_size} does not divide {where}: valid sizes {', '.join(map(str, valid))}"
             )
-        if in_f % 32 or (out_f * recipe.bits) % 32:
-            raise QuantkitError(f"{where} × out_features {out_f} cannot be packed into int32 words at {recipe.bits} bits")
+        check_packable(where, out_f, in_f, recipe.bits)
 
 
 def activation_storage(device: torch.device, tokens: torch.Tensor, config, offload: bool | None) -> torch.device:

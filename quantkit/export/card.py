@@ -7,6 +7,7 @@ from pathlib import Path
 
 from quantkit.calibration import NAMED_SETS
 from quantkit.algos.importance import REFERENCE_LENGTH, length_invariant_floor
+from quantkit.model import is_hub_id
 from quantkit.moe import coverage_table
 from quantkit.recipe import Recipe
 
@@ -25,14 +26,9 @@ EXTRA_PACKAGES = {
 IMPORTANCE_NAMES = {"attncon": "attention-concentration", "actnorm": "activation-norm", "first-last": "first/last-token"}
 
 
-def _is_hub_id(source: str) -> bool:
-    """'org/name' that is not a local folder: the only kind of base_model the Hub accepts."""
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
-
-
 def base_model(manifest: dict, source: str) -> str | None:
     """The hub id the export derives from: the source when it is one, else the manifest's ``base_model``."""
-    return source if _is_hub_id(source) else manifest.get("base_model")
+    return source if is_hub_id(source) else manifest.get("base_model")
 
 
 def recipe_label(recipe: Recipe) -> str:

@@ -15,6 +15,9 @@ from quantkit.formats.packing import pack_awq, pack_cols, pack_rows, unpack_awq
 from quantkit.recipe import Recipe
 
 LEAVES = ("qweight", "qzeros", "scales")
+REQUIRED = LEAVES
+BITS = (4,)
+MIN_ZERO = 0
 
 # Loaders tests/test_interop.py checks these exports against (CPU, weights and logits); in quantkit.json.
 VERIFIED_WITH = {

@@ -36,6 +36,10 @@ def pack_linear(prefix: str, q: QuantizedWeight, recipe: Recipe) -> dict[str, to
 
 
 LEAVES = ("qweight", "qzeros", "scales", "g_idx")
+REQUIRED = ("qweight", "qzeros", "scales")  # no g_idx: groups in order
+BITS = (2, 3, 4, 8)
+SERVED_BITS = (4, 8)  # the symmetric widths every loader below serves (vLLM reads no others)
+MIN_ZERO = 1  # v1 stores zero − 1 in `bits` bits, so an asymmetric zero point of 0 cannot be written
 
 # Loaders tests/test_interop.py checks these exports against (CPU, weights and logits); in quantkit.json.
 VERIFIED_WITH = {
