@@ -243,6 +243,17 @@ def meta_model(config, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def complete_model(model: nn.Module, config, where: Path | str) -> None:
+    """After a meta-built model's tensors are loaded: tie the LM head to the embeddings where the
+    config says so, rebuild the rotary buffers, and refuse any tensor still on meta (not in ``where``)."""
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    materialize_buffers(model, config)
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftover:
+        raise QuantkitError(f"'{where}' lacks tensors for {', '.join(leftover[:3])}")
+
+
 def materialize_buffers(model: nn.Module, config) -> None:
     """Rebuild modules whose non-persistent buffers are still on meta (rotary embeddings)."""
     for name, module in list(model.named_modules()):

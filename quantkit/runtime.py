@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit import formats
-from quantkit.checkpoint import (build_meta, check_layer_count, is_pickle, layer_state, materialize_buffers, open_safetensors,
-                                 weight_files)
+from quantkit.checkpoint import WeightSource, build_meta, check_layer_count, complete_model, layer_state
 from quantkit.errors import QuantkitError, read_json
 from quantkit.formats import gguf
 from quantkit.formats.packing import dequantize_packed
@@ -60,19 +59,8 @@ class QuantLinear(nn.Module):
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors checkpoint in ``folder``: exactly those its index names (or
     all of its one weights file), see ``quantkit.checkpoint.weight_files``."""
-    files, weight_map = weight_files(folder)
-    if not files or any(is_pickle(f) for f in files):
-        raise QuantkitError(f"'{folder}' holds no *.safetensors weights: pass a quantized export folder")
-    tensors = {}
-    for f in files:
-        with open_safetensors(f) as fh:
-            for name in fh.keys():
-                if weight_map is None or weight_map.get(name) == f:
-                    tensors[name] = fh.get_tensor(name)
-    missing = next((n for n in weight_map or {} if n not in tensors), None)
-    if missing is not None:
-        raise QuantkitError(f"'{folder}': the index places '{missing}' in {weight_map[missing].name}, which lacks it")
-    return tensors
+    weights = WeightSource(folder)
+    return weights.read(list(weights.files))
 
 
 def quantization_config(folder: Path) -> dict | None:
@@ -170,11 +158,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         raise QuantkitError(f"'{folder}': {str(e).strip().splitlines()[-1].strip()}: the export does not match its config") from None
     if unexpected:
         raise QuantkitError(f"'{folder}' has tensors the model does not: {', '.join(unexpected[:3])}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    materialize_buffers(model, config)
-    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if leftover:
-        raise QuantkitError(f"'{folder}' lacks tensors for {', '.join(leftover[:3])}")
+    complete_model(model, config, folder)
     check_model_ends(model, adapter_for(config), str(folder))
     return model.to(device).eval()

@@ -659,7 +659,7 @@ def read_config(reader):
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A GGUF quantkit wrote, as a causal LM with the dequantized weights (llama.cpp's values, bit for bit)."""
     gguf = _gguf()
-    from quantkit.checkpoint import materialize_buffers, meta_model
+    from quantkit.checkpoint import complete_model, meta_model
 
     try:
         reader = gguf.GGUFReader(str(path))
@@ -686,10 +686,5 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module
         heads = _rope_heads(hf, config)
         state[hf] = (_unpermute_rope(w, heads) if heads is not None else w).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    materialize_buffers(model, config)
-    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if leftover:
-        raise QuantkitError(f"'{path}' lacks tensors for {', '.join(leftover[:3])}")
+    complete_model(model, config, path)
     return model.eval()
