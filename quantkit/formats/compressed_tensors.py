@@ -29,6 +29,12 @@ REQUIRED = ("weight_packed", "weight_scale", "weight_shape")  # no zero point wh
 BITS = (2, 3, 4, 8)
 MIN_ZERO = 0
 
+# What transformers needs beside itself to load these exports (pip packages, the model card's note).
+TRANSFORMERS_NEEDS = (
+    "compressed-tensors",
+    "pack-quantized needs `compressed-tensors` (≥ 0.18 for 3-bit: older versions misread its dense packing).",
+)
+
 # Loaders tests/test_interop.py checks these exports against (CPU, weights and logits); in quantkit.json.
 VERIFIED_WITH = {
     "transformers": {

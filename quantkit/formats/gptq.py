@@ -41,6 +41,9 @@ BITS = (2, 3, 4, 8)
 SERVED_BITS = (4, 8)  # the symmetric widths every loader below serves (vLLM reads no others)
 MIN_ZERO = 1  # v1 stores zero − 1 in `bits` bits, so an asymmetric zero point of 0 cannot be written
 
+# What transformers needs beside itself to load these exports (pip packages, the model card's note).
+TRANSFORMERS_NEEDS = ("optimum gptqmodel", "GPTQ needs `optimum` and `gptqmodel` (its CPU/GPU kernels).")
+
 # Loaders tests/test_interop.py checks these exports against (CPU, weights and logits); in quantkit.json.
 VERIFIED_WITH = {
     "transformers": {
