@@ -109,7 +109,7 @@ def quantize(model, output_dir, recipe_file, preset, fmt, calibration, chat_temp
         check_source(eval_dataset, "--eval-dataset")
     if max_shard_size < 1:
         raise QuantkitError(f"--max-shard-size {max_shard_size}: give a shard size of at least 1 MiB")
-    from quantkit.quantize import Evaluation, run  # torch loads here, after every flag and input is checked
+    from quantkit.job import Evaluation, run  # torch loads here, after every flag and input is checked
 
     result = run(
         model,
@@ -342,7 +342,7 @@ def demo(calibration: str, dataset: str, output: Path, bits: int, nsamples: int,
     model = model or str(prepare("smollm2-135m"))
     recipe, calibration, _ = resolve_recipe(model, None, None, None, calibration, False,
                                             {"bits": bits, "nsamples": nsamples, "seqlen": 512}, False)
-    from quantkit.quantize import Evaluation, run
+    from quantkit.job import Evaluation, run
 
     result = run(model, output, recipe, calibration=calibration, force=True, restart=True, keep_model=False,
                  evaluation=Evaluation(dataset, eval_tokens, 512), base_model=base)

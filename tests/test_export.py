@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from quantkit.quantize import run
+from quantkit.job import run
 from quantkit.recipe import Recipe
 from quantkit.runtime import QuantLinear, load_quantized
 

@@ -24,7 +24,7 @@ from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.formats.gguf import (  # noqa: E402
     TYPES, dequantize_blocks, export_fp, load_gguf, pack_blocks, recipe_defaults, unpack_blocks,
 )
-from quantkit.quantize import run  # noqa: E402
+from quantkit.job import run  # noqa: E402
 from quantkit.recipe import Recipe  # noqa: E402
 
 PEERS_DIR = Path(os.environ.get("QUANTKIT_PEERS_DIR") or Path.home() / ".cache" / "quantkit-peers")

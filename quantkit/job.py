@@ -1,4 +1,4 @@
-"""One quantization run end to end: load, calibrate, walk the layers, export atomically."""
+"""The `quantkit quantize` job: one run end to end (load, calibrate, walk the layers, export atomically)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def calibration_tokens(tokenizer, source: str | None, recipe: Recipe, chat_templ
     return windows, info
 
 
-def quantize_model(
+def stream_layers(
     model: nn.Module,
     adapter: Adapter,
     recipe: Recipe,
@@ -82,7 +82,7 @@ def quantize_model(
     world: World = World(),
     verbose: bool = False,
 ) -> None:
-    """Quantize ``model`` in place (dequantized weights), streaming each finished layer to ``exporter``
+    """Run the layer walk over ``model`` (left holding the dequantized weights), streaming each finished layer to ``exporter``
     and recording progress in ``resume``."""
     layers = adapter.layers(model)
     start = resume.layers_done if resume is not None else 0
@@ -192,7 +192,7 @@ def run(
         if recipe.format == "auto" and world.is_main:
             log("--format auto chose {}: {}".format(*formats.choose(recipe)))
         if folder is None:
-            quantize_model(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world, verbose=verbose)
+            stream_layers(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world, verbose=verbose)
             return Run(model, None, time.perf_counter() - started)
         tmp = folder.tmp
         if state is not None:
@@ -203,7 +203,7 @@ def run(
                 state = ResumeState(tmp, recipe.to_dict(), source, _sha256(tokens))
                 state.save()
             exporter = Exporter(tmp, recipe, max_shard_bytes, adapter.layers_path)
-            quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state, world, verbose)
+            stream_layers(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state, world, verbose)
             seconds = time.perf_counter() - started
             extra = {"source_bytes": _folder_bytes(Path(source))}
             if base_model:
