@@ -174,3 +174,14 @@ def test_format_auto_follows_the_serving_table(bits, sym, expected, why):
     fmt, reason = choose(recipe)
     assert (fmt, recipe.export_format) == (expected, expected) and why in reason
     assert choose(Recipe(bits=bits, group_size=32, sym=sym, format="compressed-tensors"))[0] == "compressed-tensors"
+
+
+def test_gguf_export_lists_its_files_and_force_replaces_it(tiny_llama, tmp_path):
+    """Every export's quantkit.json lists its files (the GGUF one too), so --force may replace it."""
+    out = tmp_path / "gguf"
+    recipe = Recipe(bits=4, group_size=32, method="rtn", format="gguf")
+    run(str(tiny_llama), out, recipe, show_progress=False, keep_model=False)
+    listed = json.loads((out / "quantkit.json").read_text())["files"]
+    assert listed == sorted(f.name for f in out.iterdir() if f.name != "quantkit.json") and "model-Q4_0.gguf" in listed
+    run(str(tiny_llama), out, recipe, show_progress=False, keep_model=False, force=True)
+    assert (out / "model-Q4_0.gguf").is_file()

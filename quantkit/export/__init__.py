@@ -88,7 +88,14 @@ class Exporter:
         write_part(self._part("rest"), rest)
         if self.format is formats.gguf:  # one .gguf file instead of safetensors shards
             formats.gguf.finish(self.folder, config, source, self.recipe, manifest)
-            return
+        else:
+            manifest = self._finish_safetensors(config, source, tokenizer, manifest, ignore)
+        files = sorted(f.name for f in self.folder.iterdir() if f.name != "resume.json")
+        write_json(self.folder / MANIFEST, {**manifest, "files": files})
+
+    def _finish_safetensors(self, config, source: str | None, tokenizer, manifest: dict, ignore: list[str] | None) -> dict:
+        """Shards, config.json, tokenizer and card of a safetensors export; returns the manifest with
+        the MoE layers' calibration coverage."""
         writer = ShardWriter(self.folder, self.max_shard_bytes)
         parts = [p for i in range(config.num_hidden_layers) for p in self.layer_parts(i)] + [self._part("rest")]
         for part in parts:  # exactly ours (the folder holds nothing else, see ExportFolder), in order
@@ -113,8 +120,7 @@ class Exporter:
                 if (Path(source) / name).is_file() and not (self.folder / name).exists():
                     shutil.copy2(Path(source) / name, self.folder / name)
         write_text(self.folder / "README.md", model_card(config, self.recipe, manifest))
-        files = sorted(f.name for f in self.folder.iterdir() if f.name != "resume.json")
-        write_json(self.folder / MANIFEST, {**manifest, "files": files})
+        return manifest
 
 
 def manifest(recipe: Recipe, source: str, seconds: float, extra: dict | None = None) -> dict:

@@ -563,7 +563,7 @@ def export_fp(model: nn.Module, tokenizer_dir: str | Path, path: str | Path) -> 
 
 def finish(folder: Path, config, source: str | None, recipe, manifest: dict) -> None:
     """Turn an export folder's part files (decoder layers, then 'rest') into ``model-<TYPE>.gguf``, with
-    config.json (its quantization_config names the type), the tokenizer files, quantkit.json and README.md."""
+    config.json (its quantization_config names the type), the tokenizer files and README.md."""
     from safetensors.torch import load_file
 
     from quantkit.export.writer import write_json
@@ -589,7 +589,6 @@ def finish(folder: Path, config, source: str | None, recipe, manifest: dict) -> 
     for fname in TOKENIZER_FILES:
         if (Path(source) / fname).is_file():
             shutil.copy2(Path(source) / fname, folder / fname)
-    write_json(folder / "quantkit.json", manifest)
     (folder / "README.md").write_text(model_card(path.name, recipe, manifest))
 
 
