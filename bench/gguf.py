@@ -79,7 +79,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from quantkit.calibration import load_text, tokenize
-    from quantkit.export.gguf import export_fp
+    from quantkit.formats.gguf import export_fp
     from quantkit.model import load_tokenizer
 
     ids = work / f"wikitext2-{args.eval_tokens}.json"

@@ -95,7 +95,7 @@ def assert_same_windows(s: Setup) -> None:
     from safetensors.torch import load_file
 
     from quantkit.model import load_tokenizer
-    from quantkit.quantize import calibration_tokens
+    from quantkit.job import calibration_tokens
     from quantkit.recipe import Recipe
 
     ids, tokenizer = load_file(s.ids_file)["input_ids"], load_tokenizer(s.model)

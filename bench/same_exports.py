@@ -6,7 +6,8 @@ the same checkpoints and calibration text, then compares every exported file wit
 
     python bench/same_exports.py --base /tmp/base [--current .] [--work /tmp/same-exports] [--smollm] [--only gguf]
 
-Make the base tree with ``git archive <commit> | tar -x -C /tmp/base``. Checkpoints: tiny random
+``resume-*`` recipes interrupt the run after RESUME_AFTER layers and finish it with ``--resume``.
+Every export is made into a fresh folder (no ``--force``). Make the base tree with ``git archive <commit> | tar -x -C /tmp/base``. Checkpoints: tiny random
 Llama, Qwen2 and Mixtral (with a trained BPE tokenizer, from the base tree's tests/conftest.py and
 quantkit/testmodel.py), and SmolLM2-135M with ``--smollm``. Exit status 1 if anything differs.
 """
@@ -34,11 +35,28 @@ RECIPES = {  # name -> extra quantize flags
     "gguf-q4_0": ["--gguf-type", "Q4_0"],
     "gguf-q4_k": ["--gguf-type", "Q4_K"],
     "rtn-clip": ["--method", "rtn", "--clip-search", "--bits", "3"],
+    # interrupted after layer 1 is written (Ctrl-C), then --resume: the resumed walk reads layer 0 back from its part
+    "resume-default": [],
+    "resume-rsq": ["--preset", "rsq"],
+    "resume-gguf-q4_k": ["--gguf-type", "Q4_K"],
 }
+RESUME_AFTER = 1  # layers written before the interrupt
+INTERRUPT = """from quantkit.threads import apply_thread_policy
+apply_thread_policy()
+from quantkit.cli import main
+from quantkit.export import Exporter
+real = Exporter.add_layer
+def interrupt(self, index, *args):
+    if index == {after}:
+        raise KeyboardInterrupt
+    return real(self, index, *args)
+Exporter.add_layer = interrupt
+main()
+"""
 MODELS = {  # name -> recipes to run on it
     "llama": list(RECIPES),
     "qwen2": ["default", "rsq", "rtn", "gptq-asym-ct"],
-    "mixtral": ["default", "gptq-asym-ct"],
+    "mixtral": ["default", "gptq-asym-ct", "resume-default"],
     "smollm2": ["default", "rsq", "rtn", "gptq-asym-ct", "awq", "gguf-q4_k"],
 }
 
@@ -73,9 +91,23 @@ def make_models(base: Path, work: Path, smollm: bool) -> dict[str, Path]:
     return made
 
 
-def cli(work: Path, side: str, args: list[str]) -> subprocess.CompletedProcess:
+def cli(work: Path, side: str, args: list[str], interrupt: bool = False) -> subprocess.CompletedProcess:
+    """``quantkit ARGS`` from one side's install (``interrupt``: Ctrl-C once RESUME_AFTER layers are written)."""
     env = {**os.environ, "PYTHONPATH": str(work / f"site-{side}"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "quantkit", *args], cwd=work, env=env, capture_output=True, text=True)
+    command = ["-c", INTERRUPT.format(after=RESUME_AFTER)] if interrupt else ["-m", "quantkit"]
+    return subprocess.run([sys.executable, *command, *args], cwd=work, env=env, capture_output=True, text=True)
+
+
+def quantize(work: Path, side: str, source: Path, out: Path, flags: list[str], resume: bool) -> subprocess.CompletedProcess:
+    """A fresh export of ``source`` into ``out`` (with ``resume``: interrupted first, then resumed)."""
+    subprocess.run(["rm", "-rf", str(out), str(out.parent / f".{out.name}.partial")], check=True)
+    args = ["quantize", str(source), str(out), "--json", *flags]
+    if resume:
+        first = cli(work, side, args, interrupt=True)
+        if first.returncode != 1 or "--resume" not in first.stderr:
+            return subprocess.CompletedProcess(first.args, 3, first.stdout, f"the interrupt did not stop the run: {first.stderr}")
+        args.append("--resume")
+    return cli(work, side, args)
 
 
 def json_diff(a, b, path: str = "") -> list[str]:
@@ -133,7 +165,7 @@ def main() -> int:
             outs, evals, problems = {}, {}, []
             for side in ("base", "current"):
                 out = work / "exports" / side / model / recipe
-                run = cli(work, side, ["quantize", str(models[model]), str(out), "--force", "--json", *flags])
+                run = quantize(work, side, models[model], out, flags, recipe.startswith("resume-"))
                 if run.returncode != 0:
                     problems.append(f"{side} quantize failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
                     continue

@@ -62,7 +62,7 @@ def random_layer(k: int, n: int, bits: int, group: int) -> dict:
 
 def reference_weight(layer: dict) -> torch.Tensor:
     """Dense fp16 W [N, K] of a packed layer via the torch reference."""
-    from quantkit.packing import dequantize, unpack_cols, unpack_rows
+    from quantkit.formats.packing import dequantize, unpack_cols, unpack_rows
     bits = layer["bits"]
     w_t = dequantize(unpack_rows(layer["qweight"], bits), layer["scales"].float(),
                      unpack_cols(layer["qzeros"], bits), layer["g_idx"])

@@ -1,6 +1,6 @@
 """Fused W{2,3,4,8}A16 dequant-GEMM in Triton: y[M, N] = x[M, K] @ W^T[K, N] + bias, W read packed.
 
-Layout (quantkit.packing; K = in_features, N = out_features, G = group size, b = bits):
+Layout (quantkit.formats.packing; K = in_features, N = out_features, G = group size, b = bits):
 qweight int32 [K·b/32, N] holds code[k, n] as a b-bit bitstream along K (3-bit codes may straddle two
 words), qzeros int32 [K/G, N·b/32] the zero points as a bitstream along N, scales [K/G, N], g_idx [K], and
     W^T[k, n] = scales[g_idx[k], n] · (code[k, n] − zero[g_idx[k], n]).

@@ -17,6 +17,17 @@ from quantkit.errors import QuantkitError, read_json
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def inside(folder: Path, name: object, named_by: str) -> Path:
@@ -191,6 +202,29 @@ def check_weights(config, shapes: dict[str, tuple[int, ...]], adapter, where: Pa
                                 f"{list(shape)}: the config does not match the weights")
 
 
+def fuse_experts(tensors: dict[str, torch.Tensor], adapter, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Layer-relative checkpoint tensors with per-expert weights ({block}.experts.{e}.{w}.weight)
+    → the same with transformers' fused experts.gate_up_proj [E, 2I, C] and down_proj [E, C, I]."""
+    spec = adapter.moe
+    block = adapter.moe_block(layer) if spec is not None else None
+    if block is None:
+        return tensors
+    count = block.get_submodule(spec.experts).down_proj.shape[0]
+    gate_up, down = [], []
+    for e in range(count):
+        g, u, d = (tensors.pop(f"{n}.weight") for n in spec.expert_names(e))
+        gate_up.append(torch.cat([g, u]))
+        down.append(d)
+    experts = f"{spec.checkpoint_block}.{spec.experts}"
+    return {**tensors, f"{experts}.gate_up_proj": torch.stack(gate_up), f"{experts}.down_proj": torch.stack(down)}
+
+
+def layer_state(tensors: dict[str, torch.Tensor], adapter, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A decoder layer's checkpoint tensors (layer-relative names, dense weights) as its state dict:
+    routed experts fused, checkpoint names as module names (``adapter``: the architecture's Adapter)."""
+    return {adapter.module_name(k): v for k, v in fuse_experts(tensors, adapter, layer).items()}
+
+
 def build_meta(config, dtype: torch.dtype, where: Path | str) -> nn.Module:
     """``meta_model``, with a config transformers cannot build a model from as one QuantkitError."""
     try:
@@ -207,6 +241,17 @@ def meta_model(config, dtype: torch.dtype) -> nn.Module:
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def complete_model(model: nn.Module, config, where: Path | str) -> None:
+    """After a meta-built model's tensors are loaded: tie the LM head to the embeddings where the
+    config says so, rebuild the rotary buffers, and refuse any tensor still on meta (not in ``where``)."""
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    materialize_buffers(model, config)
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftover:
+        raise QuantkitError(f"'{where}' lacks tensors for {', '.join(leftover[:3])}")
 
 
 def materialize_buffers(model: nn.Module, config) -> None:

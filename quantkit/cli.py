@@ -113,7 +113,7 @@ def quantize(model, output_dir, recipe_file, preset, fmt, calibration, chat_temp
         check_source(eval_dataset, "--eval-dataset")
     if max_shard_size < 1:
         raise QuantkitError(f"--max-shard-size {max_shard_size}: give a shard size of at least 1 MiB")
-    from quantkit.quantize import Evaluation, run  # torch loads here, after every flag and input is checked
+    from quantkit.job import Evaluation, run  # torch loads here, after every flag and input is checked
 
     result = run(
         model,
@@ -173,7 +173,7 @@ def resolve_recipe(model: str, recipe_file: Path | None, preset: str | None, fmt
     if fmt is not None:
         values["format"] = fmt
     if values.get("gguf_type"):  # a GGUF type sets its own bits, group size and symmetry
-        from quantkit.export.gguf import recipe_defaults
+        from quantkit.formats.gguf import recipe_defaults
 
         gguf_type = str(values["gguf_type"]).upper()
         values = {**recipe_defaults(gguf_type), **values, "gguf_type": gguf_type}
@@ -225,7 +225,7 @@ def eval_(model, dataset, seqlen, max_tokens, device, dtype, trust_remote_code, 
     from quantkit.runtime import load_quantized, quantization_config
 
     check_windows(seqlen, max_tokens)
-    from quantkit.export.gguf import gguf_file
+    from quantkit.formats.gguf import gguf_file
 
     dev = compute_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
@@ -346,7 +346,7 @@ def demo(calibration: str, dataset: str, output: Path, bits: int, nsamples: int,
     model = model or str(prepare("smollm2-135m"))
     recipe, calibration, _ = resolve_recipe(model, None, None, None, calibration, False,
                                             {"bits": bits, "nsamples": nsamples, "seqlen": 512}, False)
-    from quantkit.quantize import Evaluation, run
+    from quantkit.job import Evaluation, run
 
     result = run(model, output, recipe, calibration=calibration, force=True, restart=True, keep_model=False,
                  evaluation=Evaluation(dataset, eval_tokens, 512), base_model=base)

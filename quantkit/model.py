@@ -12,10 +12,6 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 
-ATTN_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
 @dataclass(frozen=True)
 class Adapter:
     """Where things live in a Llama-family model (Llama, Mistral, Qwen2, Qwen3).
@@ -220,16 +216,32 @@ def adapter_for(config) -> Adapter:
     return ADAPTERS[model_type]
 
 
+def is_hub_id(source: str) -> bool:
+    """'org/name' that is not a local path: transformers resolves it on the Hub."""
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
+
+
+def outer_names(names, adapter: Adapter, config) -> list[str]:
+    """The tensor names of ``names`` outside the decoder layers, less a tied LM head (it is the embeddings)."""
+    layers_prefix = adapter.layers_path + "."
+    tied = getattr(config, "tie_word_embeddings", False)
+    return [n for n in names if not n.startswith(layers_prefix) and not (tied and n == "lm_head.weight")]
+
+
+def config_dtype(config, default: torch.dtype) -> torch.dtype:
+    """The torch dtype a model config declares (``dtype``, a name or a dtype), else ``default``."""
+    dtype = getattr(config, "dtype", None) or default
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def check_model_source(source: str, allow_pickle: bool) -> None:
     """Refuse a local folder that is missing, holds no weights, or would have pickle weights read
     (whichever way they are named: the only weights file, or an index entry) without ``allow_pickle``."""
-    from quantkit.checkpoint import inside, is_pickle, weight_files
-    from quantkit.export import TOKENIZER_FILES
+    from quantkit.checkpoint import TOKENIZER_FILES, inside, is_pickle, weight_files
 
     path = Path(source)
-    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
-    if not looks_local:
-        return  # a hub id: transformers resolves it
+    if is_hub_id(source):
+        return
     if path.exists() and not path.is_dir():
         raise QuantkitError(f"model path '{source}' is a file: pass the model's folder")
     if not path.is_dir():
@@ -326,15 +338,11 @@ def load_model_lazy(source: str, trust_remote_code: bool = False, allow_pickle: 
         return model, tokenizer, adapter, None
     config = load_config(source)
     adapter = adapter_for(config)
-    dtype = getattr(config, "dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = config_dtype(config, torch.float32)
     model = build_meta(config, dtype, source)
-    layers_prefix = adapter.layers_path + "."
-    tied = getattr(config, "tie_word_embeddings", False)
-    names = [n for n in model.state_dict() if not n.startswith(layers_prefix) and not (tied and n == "lm_head.weight")]
-    state = {n: t.to(dtype) for n, t in weights.read(names).items()}
+    state = {n: t.to(dtype) for n, t in weights.read(outer_names(model.state_dict(), adapter, config)).items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if tied:
+    if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     materialize_buffers(model, config)
     check_model_ends(model, adapter, source)

@@ -57,7 +57,7 @@ class Recipe:
         if self.importance_map is None:
             object.__setattr__(self, "importance_map", "length-invariant" if shares else "fixed")
         if self.format == "gguf" or self.gguf_type is not None:
-            from quantkit.export.gguf import check_recipe
+            from quantkit.formats.gguf import check_recipe
 
             object.__setattr__(self, "gguf_type", check_recipe(self))
         elif self.bits not in BITS:
@@ -99,36 +99,17 @@ class Recipe:
 
     @property
     def export_format(self) -> str:
-        """The concrete format (see ``format_choice``)."""
-        return self.format_choice()[0]
+        """The concrete format (``quantkit.formats.choose``: --format auto picks one)."""
+        from quantkit.formats import choose
 
-    def format_choice(self) -> tuple[str, str]:
-        """(format, why) for --format auto, from what the interop and vLLM tests prove (README's
-        serving table): GPTQ v1 where every loader serves it, compressed-tensors for the rest."""
-        if self.format != "auto":
-            return self.format, "chosen with --format"
-        if self.sym and self.bits in (4, 8):
-            where = "CPU and CUDA" if self.bits == 4 else "CUDA only: its CPU kernels are 4-bit"
-            return "gptq", (f"symmetric {self.bits}-bit GPTQ v1 loads in transformers (gptqmodel), GPTQModel and vLLM "
-                            f"(AutoGPTQLinearMethod, {where})")
-        if self.bits == 4:
-            return "compressed-tensors", ("GPTQ v1 cannot carry this grid everywhere (vLLM reads GPTQ symmetric only, "
-                                          "GPTQModel refuses asymmetric v1); 4-bit compressed-tensors loads in transformers "
-                                          "(compressed-tensors 0.17-0.20) and vLLM (CompressedTensorsWNA16)")
-        needs = " >= 0.18: dense 3-bit packing" if self.bits == 3 else ""
-        return "compressed-tensors", (f"GPTQ v1 cannot carry this grid everywhere (vLLM reads GPTQ 4/8-bit symmetric only); "
-                                      f"{self.bits}-bit compressed-tensors loads in transformers (compressed-tensors{needs}); "
-                                      "vLLM accepts it but runs it only on CUDA with its optional humming package")
+        return choose(self)[0]
 
     @property
     def grid(self) -> "Grid | BlockGrid":
-        from quantkit.algos.quantizer import BlockGrid, Grid
+        """The grid the solver rounds to, one the export format stores exactly (``quantkit.formats.grid``)."""
+        from quantkit.formats import grid
 
-        if self.export_format == "gguf":
-            return BlockGrid(self.gguf_type)
-        # GPTQ v1 stores zero − 1 in `bits` bits, so an asymmetric zero point of 0 cannot be written.
-        min_zero = 1 if self.export_format == "gptq" and not self.sym else 0
-        return Grid(self.bits, self.group_size, self.sym, min_zero)
+        return grid(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,6 +1,6 @@
 """Runtime: ``QuantLinear`` and loading an export (ours or another tool's) as a torch model.
 
-Every format is converted once at load time into one runtime layout (see ``quantkit.packing``):
+Every format is converted once at load time into one runtime layout (see ``quantkit.formats.packing``):
 qweight int32 [K·b/32, N] packed along K, qzeros int32 [K/G, N·b/32] holding the *actual* zero
 points packed along N, scales [K/G, N], g_idx int32 [K].
 """
@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.kernels import dispatch as kernels
-from quantkit.checkpoint import build_meta, check_layer_count, is_pickle, materialize_buffers, open_safetensors, weight_files
+from quantkit import formats
+from quantkit.checkpoint import WeightSource, build_meta, check_layer_count, complete_model, layer_state
 from quantkit.errors import QuantkitError, read_json
-from quantkit.model import adapter_for, check_model_ends, load_config
-from quantkit.packing import dequantize, unpack_cols, unpack_rows
+from quantkit.formats import gguf
+from quantkit.formats.packing import dequantize_packed
+from quantkit.kernels import dispatch as kernels
+from quantkit.model import adapter_for, check_model_ends, config_dtype, load_config
 
 
 class QuantLinear(nn.Module):
@@ -38,9 +40,7 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self) -> torch.Tensor:
         """W [N, K] in fp32."""
-        codes = unpack_rows(self.qweight, self.bits)
-        zeros = unpack_cols(self.qzeros, self.bits)
-        return dequantize(codes, self.scales.float(), zeros, self.g_idx).t()
+        return dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.use_triton(x.device):
@@ -59,19 +59,8 @@ class QuantLinear(nn.Module):
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors checkpoint in ``folder``: exactly those its index names (or
     all of its one weights file), see ``quantkit.checkpoint.weight_files``."""
-    files, weight_map = weight_files(folder)
-    if not files or any(is_pickle(f) for f in files):
-        raise QuantkitError(f"'{folder}' holds no *.safetensors weights: pass a quantized export folder")
-    tensors = {}
-    for f in files:
-        with open_safetensors(f) as fh:
-            for name in fh.keys():
-                if weight_map is None or weight_map.get(name) == f:
-                    tensors[name] = fh.get_tensor(name)
-    missing = next((n for n in weight_map or {} if n not in tensors), None)
-    if missing is not None:
-        raise QuantkitError(f"'{folder}': the index places '{missing}' in {weight_map[missing].name}, which lacks it")
-    return tensors
+    weights = WeightSource(folder)
+    return weights.read(list(weights.files))
 
 
 def quantization_config(folder: Path) -> dict | None:
@@ -80,60 +69,6 @@ def quantization_config(folder: Path) -> dict | None:
     if qc is not None and not isinstance(qc, dict):
         raise QuantkitError(f"{folder / 'config.json'}: quantization_config is a {type(qc).__name__}, not an object")
     return qc
-
-
-# checkpoint tensors each format needs per quantized Linear (the others are optional)
-REQUIRED = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros", "scales"),
-            "compressed-tensors": ("weight_packed", "weight_scale", "weight_shape")}
-
-
-def _grid(qc: dict, where: Path) -> tuple[int, int]:
-    """(bits, group size; -1 = per output channel) that ``qc`` declares, validated."""
-    from quantkit.export import compressed_tensors
-
-    method = qc.get("quant_method")
-    if method == "compressed-tensors":
-        try:
-            scheme = compressed_tensors._weights_scheme(qc)
-            bits, group = scheme.get("num_bits"), -1 if scheme.get("strategy") == "channel" else scheme.get("group_size")
-        except (AttributeError, KeyError, TypeError):
-            raise QuantkitError(f"{where / 'config.json'}: quantization_config.config_groups is malformed: "
-                                "the export is damaged, re-export it") from None
-        names = ("config_groups.*.weights.num_bits", "config_groups.*.weights.group_size")
-    else:
-        bits, group = qc.get("bits"), qc.get("group_size")
-        names = ("bits", "group_size")
-    allowed = (4,) if method == "awq" else (2, 3, 4, 8)
-    if type(bits) is not int or bits not in allowed:
-        raise QuantkitError(f"{where / 'config.json'}: quantization_config.{names[0]} is {bits!r}; a {method} export "
-                            f"has one of {', '.join(map(str, allowed))}: the export is damaged, re-export it")
-    if type(group) is not int or not (group == -1 or group >= 1):
-        raise QuantkitError(f"{where / 'config.json'}: quantization_config.{names[1]} is {group!r}; expected -1 "
-                            "(per channel) or a positive group size: the export is damaged, re-export it")
-    return bits, group
-
-
-def _runtime_layers(tensors: dict[str, torch.Tensor], qc: dict, where: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: runtime tensors} for every quantized Linear, converted from the checkpoint's format."""
-    from quantkit.export import READERS
-
-    method = qc.get("quant_method")
-    if method not in READERS:
-        raise QuantkitError(f"quantization method {method!r} is not supported by quantkit's loader ({', '.join(READERS)})")
-    reader = READERS[method]
-    marker = "." + reader.LEAVES[0]
-    layers = {}
-    for name in [n[: -len(marker)] for n in tensors if n.endswith(marker)]:
-        parts = {leaf: tensors.pop(f"{name}.{leaf}") for leaf in reader.LEAVES if f"{name}.{leaf}" in tensors}
-        missing = next((leaf for leaf in REQUIRED[method] if leaf not in parts), None)
-        if missing is not None:
-            raise QuantkitError(f"'{where}' lacks the tensor {name}.{missing}: the export is incomplete, re-export it")
-        try:
-            layers[name] = reader.read_linear(parts, qc)
-        except (ValueError, RuntimeError, IndexError, ZeroDivisionError, TypeError) as e:
-            raise QuantkitError(f"'{where}': the quantized tensors of {name} are malformed "
-                                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): re-export it") from None
-    return layers
 
 
 def check_runtime_layer(name: str, parts: dict[str, torch.Tensor], linear: nn.Linear, bits: int, group: int, where: Path) -> None:
@@ -160,58 +95,47 @@ def check_runtime_layer(name: str, parts: dict[str, torch.Tensor], linear: nn.Li
         raise QuantkitError(f"'{where}': {name} has g_idx values outside [0, {groups}): the export is damaged, re-export it")
 
 
-def _fused_experts(model: nn.Module, adapter, quantized: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _fused_experts(model: nn.Module, adapter, quantized: dict, tensors: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
     """Dequantize the routed experts (one checkpoint name per expert) out of ``quantized`` into
     transformers' fused fp32 experts parameters, and rename the layers' other tensors to the
     model's modules (Mixtral's block_sparse_moe is mlp)."""
-    from quantkit.export import fuse_experts
-
     experts = f".{adapter.moe.experts}."
     for name in [n for n in quantized if experts in n]:
-        parts = quantized.pop(name)
-        codes, zeros = unpack_rows(parts["qweight"], _bits(parts)), unpack_cols(parts["qzeros"], _bits(parts))
-        tensors[f"{name}.weight"] = dequantize(codes, parts["scales"].float(), zeros, parts["g_idx"]).t()
+        tensors[f"{name}.weight"] = dequantize_packed(**quantized.pop(name), bits=bits)
     out = {n: t for n, t in tensors.items() if not n.startswith(adapter.layers_path + ".")}
     for i, layer in enumerate(adapter.layers(model)):
         prefix = f"{adapter.layers_path}.{i}."
         mine = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
-        out.update({prefix + adapter.module_name(n): t for n, t in fuse_experts(mine, adapter, layer).items()})
+        out.update({prefix + n: t for n, t in layer_state(mine, adapter, layer).items()})
     for name in [n for n in quantized if n.startswith(adapter.layers_path + ".")]:
         i, local = name[len(adapter.layers_path) + 1 :].split(".", 1)
         quantized[f"{adapter.layers_path}.{i}.{adapter.module_name(local)}"] = quantized.pop(name)
     return out
 
 
-def _bits(parts: dict[str, torch.Tensor]) -> int:
-    """Bit width of a runtime-layout Linear: qweight [K·b/32, N] and g_idx [K]."""
-    return parts["qweight"].shape[0] * 32 // parts["g_idx"].numel()
-
-
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Load a quantized export as a causal LM whose quantized Linears are ``QuantLinear``; every
     quantized Linear is checked against the config (``check_runtime_layer``) before use. A GGUF file
     or folder: dense Linears holding its dequantized weights, float32 unless ``dtype``."""
-    from quantkit.export.gguf import gguf_file, load_gguf
-
-    if (gguf_path := gguf_file(path)) is not None:
-        return load_gguf(gguf_path, dtype or torch.float32).to(device)
+    if (gguf_path := gguf.gguf_file(path)) is not None:
+        return gguf.load_gguf(gguf_path, dtype or torch.float32).to(device)
     folder = Path(path)
     qc = quantization_config(folder)
     if qc is None:
         raise QuantkitError(f"'{folder}' has no quantization_config in config.json: it is not a quantized export")
+    if formats.format_of(qc) is gguf:
+        raise QuantkitError(f"'{folder}' is a GGUF export without its one *.gguf file: restore it or re-export")
     config = load_config(str(folder))
     del config.quantization_config
-    bits, group = _grid(qc, folder)
+    bits, group = formats.config_grid(qc, folder)
     tensors = read_tensors(folder)
     check_layer_count(config, tensors, adapter_for(config).layers_path, folder)
-    dtype = dtype or getattr(config, "dtype", None) or torch.float16
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = dtype or config_dtype(config, torch.float16)
     model = build_meta(config, dtype, folder)
-    quantized = _runtime_layers(tensors, qc, folder)
+    quantized = formats.read_linears(tensors, qc, folder)
     adapter = adapter_for(config)
     if adapter.moe is not None:
-        tensors = _fused_experts(model, adapter, quantized, tensors)
+        tensors = _fused_experts(model, adapter, quantized, tensors, bits)
     modules = dict(model.named_modules())
     for name, parts in quantized.items():
         old = modules.get(name)
@@ -234,11 +158,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         raise QuantkitError(f"'{folder}': {str(e).strip().splitlines()[-1].strip()}: the export does not match its config") from None
     if unexpected:
         raise QuantkitError(f"'{folder}' has tensors the model does not: {', '.join(unexpected[:3])}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    materialize_buffers(model, config)
-    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if leftover:
-        raise QuantkitError(f"'{folder}' lacks tensors for {', '.join(leftover[:3])}")
+    complete_model(model, config, folder)
     check_model_ends(model, adapter_for(config), str(folder))
     return model.to(device).eval()

@@ -140,7 +140,7 @@ def make_moe_export(root: Path, model_type: str = "mixtral", fmt: str = "gptq", 
     """A quantized export (``root``/export) of a tiny random MoE checkpoint with sizes vLLM's MoE
     kernels take (hidden and expert intermediate 128, head size 32, group size 128): for interop
     tests that load exports in other stacks (tests/test_vllm.py). About 10 s on one CPU core."""
-    from quantkit.quantize import run
+    from quantkit.job import run
     from quantkit.recipe import Recipe
     from quantkit.testmodel import make_tiny_moe
 

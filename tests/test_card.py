@@ -7,7 +7,7 @@ import yaml  # a transformers dependency
 from click.testing import CliRunner
 
 from quantkit.cli import cli
-from quantkit.export import FORMATS
+from quantkit.formats import FORMATS
 from quantkit.export.card import model_card
 from quantkit.recipe import Recipe
 

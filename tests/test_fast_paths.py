@@ -8,7 +8,7 @@ import quantkit.algos.gptq
 import quantkit.methods.solvers
 from quantkit.algos.gptq import GPTQResult
 from quantkit.algos.quantizer import QuantizedWeight
-from quantkit.quantize import run
+from quantkit.job import run
 from quantkit.recipe import Recipe
 from test_gptq import reference_gptq
 from tests_support import export_files

@@ -21,10 +21,10 @@ from quantkit.algos.gptq import gptq_solve  # noqa: E402
 from quantkit.algos.quantizer import BLOCK_TYPES, BlockGrid, QuantizedWeight, round_to_nearest  # noqa: E402
 from quantkit.cli import cli  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
-from quantkit.export.gguf import (  # noqa: E402
+from quantkit.formats.gguf import (  # noqa: E402
     TYPES, dequantize_blocks, export_fp, load_gguf, pack_blocks, recipe_defaults, unpack_blocks,
 )
-from quantkit.quantize import run  # noqa: E402
+from quantkit.job import run  # noqa: E402
 from quantkit.recipe import Recipe  # noqa: E402
 
 PEERS_DIR = Path(os.environ.get("QUANTKIT_PEERS_DIR") or Path.home() / ".cache" / "quantkit-peers")
@@ -225,7 +225,7 @@ def test_llamacpp_reads_every_type(tiny_256, tmp_path, gguf_type):
 
 def test_verified_with_names_the_built_llamacpp():
     """VERIFIED_WITH (written into quantkit.json) names the llama-cpp-python these tests run."""
-    from quantkit.export.gguf import VERIFIED_WITH
+    from quantkit.formats.gguf import VERIFIED_WITH
 
     if not (LLAMACPP / ".quantkit-ready").is_file():
         pytest.skip(f"llama.cpp venv not built ({LLAMACPP}): run bash bench/peers/make_venvs.sh llamacpp")

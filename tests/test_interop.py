@@ -37,8 +37,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from quantkit.cli import cli
-from quantkit.export import FORMATS
-from quantkit.packing import unpack_cols
+from quantkit.formats import FORMATS
+from quantkit.formats.packing import unpack_cols
 from quantkit.runtime import QuantLinear, load_quantized
 
 PEERS_DIR = Path(os.environ.get("QUANTKIT_PEERS_DIR") or Path.home() / ".cache" / "quantkit-peers")

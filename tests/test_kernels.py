@@ -10,7 +10,7 @@ import torch
 
 import quantkit.kernels.dispatch as kernels
 from quantkit.kernels import dequant_gemm
-from quantkit.packing import dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows
+from quantkit.formats.packing import dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows
 
 if not dequant_gemm.INTERPRET:  # defined earlier in this session without the interpreter
     dequant_gemm = importlib.reload(dequant_gemm)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tests_support import export_files
 from quantkit.cli import cli
 from quantkit.moe import MIN_EXPERT_TOKENS, expert_mlp
-from quantkit.quantize import run
+from quantkit.job import run
 from quantkit.recipe import Recipe
 from quantkit.runtime import load_quantized
 
@@ -158,7 +158,7 @@ def routed_inputs(model, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor
 
 def test_gptq_on_experts_beats_rtn_on_their_routed_tokens(tiny_moe, calib_text, tmp_path):
     from quantkit.model import load_model
-    from quantkit.quantize import calibration_tokens
+    from quantkit.job import calibration_tokens
 
     source = tiny_moe("mixtral")
     recipe = dict(bits=3, group_size=64, importance="uniform", awq=False)
@@ -209,7 +209,7 @@ def test_resume_in_the_middle_of_a_layers_experts(tiny_moe, calib_text, tmp_path
 
 PEAK_RSS = """
 import sys
-from quantkit.quantize import run
+from quantkit.job import run
 from quantkit.recipe import Recipe
 run(sys.argv[1], sys.argv[2], Recipe(nsamples=4, seqlen=64, group_size=128), calibration=sys.argv[3], keep_model=False,
     show_progress=False, max_shard_bytes=8 * 2**20)

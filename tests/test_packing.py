@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from quantkit.algos.quantizer import Grid, round_to_nearest
-from quantkit.export import gptq
+from quantkit.formats import gptq
 from quantkit.recipe import Recipe
-from quantkit.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
+from quantkit.formats.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
 from quantkit.runtime import QuantLinear
 
 

@@ -14,7 +14,7 @@ from quantkit.calibration import load_text, tokenize
 from quantkit.cli import cli
 from quantkit.evaluate import perplexity
 from quantkit.model import load_tokenizer
-from quantkit.quantize import run
+from quantkit.job import run
 from quantkit.recipe import Recipe
 
 pytestmark = pytest.mark.slow

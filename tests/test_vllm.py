@@ -29,7 +29,7 @@ from click.testing import CliRunner
 from test_interop import Export, peer_python, quantkit_export
 
 from quantkit.cli import cli
-from quantkit.export import FORMATS
+from quantkit.formats import FORMATS
 
 ENGINE_SCRIPT = Path(__file__).parent / "interop" / "vllm_engine.py"
 PROMPT_TOKENS = 256  # scored window (< max_model_len 512)

@@ -122,7 +122,7 @@ class BlockSpec:
     offset: bool = False
 
 
-# Layouts and dequantization as llama.cpp's ggml-quants.c defines them (see quantkit.export.gguf).
+# Layouts and dequantization as llama.cpp's ggml-quants.c defines them (see quantkit.formats.gguf).
 BLOCK_TYPES = {
     "Q4_0": BlockSpec(4, 32, 32, zero=8),  # d·(q − 8)
     "Q5_0": BlockSpec(5, 32, 32, zero=16),  # d·(q − 16)

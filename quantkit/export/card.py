@@ -8,29 +8,18 @@ from pathlib import Path
 from quantkit import methods
 from quantkit.calibration import NAMED_SETS
 from quantkit.algos.importance import REFERENCE_LENGTH, length_invariant_floor
+from quantkit.formats import FORMATS
+from quantkit.model import is_hub_id
 from quantkit.moe import coverage_table
 from quantkit.recipe import Recipe
 
 MODEL = "path/to/this-model"  # placeholder in the snippets: the export folder or its Hub repo id
 
-# What transformers needs beside itself to load each format (see VERIFIED_WITH in each format module).
-EXTRA_PACKAGES = {
-    "gptq": ("optimum gptqmodel", "GPTQ needs `optimum` and `gptqmodel` (its CPU/GPU kernels)."),
-    "compressed-tensors": (
-        "compressed-tensors",
-        "pack-quantized needs `compressed-tensors` (≥ 0.18 for 3-bit: older versions misread its dense packing).",
-    ),
-    "awq": ("gptqmodel", "AWQ needs `gptqmodel` (transformers ≥ 5 uses its AWQ kernels; older transformers used `autoawq`)."),
-}
-
-def _is_hub_id(source: str) -> bool:
-    """'org/name' that is not a local folder: the only kind of base_model the Hub accepts."""
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
 
 
 def base_model(manifest: dict, source: str) -> str | None:
     """The hub id the export derives from: the source when it is one, else the manifest's ``base_model``."""
-    return source if _is_hub_id(source) else manifest.get("base_model")
+    return source if is_hub_id(source) else manifest.get("base_model")
 
 
 def recipe_label(recipe: Recipe) -> str:
@@ -112,7 +101,7 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
     fmt = recipe.export_format
     source = manifest.get("source_model") or config.get("_name_or_path", "")
     name = base_model(manifest, source) or Path(source).name or "Model"  # never an absolute local path
-    packages, package_note = EXTRA_PACKAGES[fmt]
+    packages, package_note = FORMATS[fmt].TRANSFORMERS_NEEDS
     group = "per output channel" if recipe.group_size == -1 else f"group size {recipe.group_size}"
     scheme = f"{recipe.bits}-bit, {group}, {'symmetric' if recipe.sym else 'asymmetric'}"
     if recipe.needs_calibration and recipe.importance != "uniform":

@@ -19,6 +19,8 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +53,16 @@ def _write_failed(path: Path, e: Exception) -> QuantkitError:
                          "(or raise ulimit -f) and retry")
 
 
+@contextmanager
+def _writing(path: Path, undo: Callable[[], object] = lambda: None) -> Iterator[None]:
+    """Run the block; an OSError in it becomes one QuantkitError about ``path``, after ``undo()``."""
+    try:
+        yield
+    except OSError as e:
+        undo()
+        raise _write_failed(path, e) from None
+
+
 def _fresh(path: Path) -> int:
     """A new file at ``path`` opened for writing: whatever was there (a symbolic link too) is
     removed first, and the creation is exclusive and follows no link."""
@@ -64,13 +76,10 @@ def _fresh(path: Path) -> int:
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (a fresh file beside it, then renamed)."""
     tmp = path.with_name(path.name + ".tmp")
-    try:
+    with _writing(path, lambda: tmp.unlink(missing_ok=True)):
         with os.fdopen(_fresh(tmp), "wb") as fh:
             fh.write(data)
         tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_failed(path, e) from None
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -302,21 +311,21 @@ class ExportFolder:
                                 "done): pass --resume to continue it or --restart to discard it")
 
     def open(self, force: bool, resume: bool, restart: bool = False) -> ResumeState | None:
-        """Lock, re-check, and create the temporary folder exclusively (or, with ``resume``, keep
-        the trusted files of the interrupted run); returns the interrupted run's state, if resumed."""
+        """Check (a refused OUTPUT_DIR gets nothing created beside it, not even the lock), lock,
+        check again under the lock, and create the temporary folder exclusively (or, with ``resume``,
+        keep the trusted files of the interrupted run); returns the interrupted run's state, if resumed."""
+        self.check(force, resume, restart)
         self._acquire()
         try:
-            self.check(force, resume, restart)
-            if resume:
-                state = ResumeState.load(self.tmp)
-                state.trust_only_listed()
-                return state
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)  # an earlier run's leftovers: no run holds the lock
-            self.tmp.mkdir()
-        except OSError as e:
-            self.close()
-            raise _write_failed(self.tmp, e) from None
+            with _writing(self.tmp):
+                self.check(force, resume, restart)  # another process may have changed it until we held the lock
+                if resume:
+                    state = ResumeState.load(self.tmp)
+                    state.trust_only_listed()
+                    return state
+                if self.tmp.exists():
+                    shutil.rmtree(self.tmp)  # an earlier run's leftovers: no run holds the lock
+                self.tmp.mkdir()
         except BaseException:
             self.close()
             raise
@@ -324,11 +333,9 @@ class ExportFolder:
 
     def _acquire(self) -> None:
         while True:
-            try:
+            with _writing(self.lock_path):
                 self.lock_path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise _write_failed(self.lock_path, e) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -347,12 +354,10 @@ class ExportFolder:
     def finalize(self, force: bool) -> None:
         """Replace OUTPUT_DIR by the finished temporary folder (re-checking the rule first)."""
         check_output(self.output, self.source, force)
-        try:
+        with _writing(self.output):
             if self.output.exists():
                 shutil.rmtree(self.output)
             self.tmp.rename(self.output)
-        except OSError as e:
-            raise _write_failed(self.output, e) from None
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -24,6 +24,7 @@ from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.checkpoint import WeightSource
 from quantkit.distributed import World
 from quantkit.errors import QuantkitError
+from quantkit.formats import check_packable
 from quantkit.methods.importance import token_weights
 from quantkit.model import Adapter
 from quantkit.moe import ExpertBank
@@ -325,5 +326,4 @@ def check_shapes(layer: nn.Module, index: int, adapter: Adapter, recipe: Recipe)
             raise QuantkitError(
                 f"--group-size {recipe.group_size} does not divide {where}: valid sizes {', '.join(map(str, valid))}"
             )
-        if in_f % 32 or (out_f * recipe.bits) % 32:
-            raise QuantkitError(f"{where} × out_features {out_f} cannot be packed into int32 words at {recipe.bits} bits")
+        check_packable(where, out_f, in_f, recipe.bits)

@@ -21,10 +21,19 @@ import torch
 
 from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.errors import QuantkitError
-from quantkit.packing import pack_cols, pack_rows
+from quantkit.formats.packing import pack_cols, pack_rows
 from quantkit.recipe import Recipe
 
 LEAVES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+REQUIRED = ("weight_packed", "weight_scale", "weight_shape")  # no zero point when symmetric, no g_idx in order
+BITS = (2, 3, 4, 8)
+MIN_ZERO = 0
+
+# What transformers needs beside itself to load these exports (pip packages, the model card's note).
+TRANSFORMERS_NEEDS = (
+    "compressed-tensors",
+    "pack-quantized needs `compressed-tensors` (≥ 0.18 for 3-bit: older versions misread its dense packing).",
+)
 
 # Loaders tests/test_interop.py checks these exports against (CPU, weights and logits); in quantkit.json.
 VERIFIED_WITH = {
@@ -56,7 +65,7 @@ def pack_linear(prefix: str, q: QuantizedWeight, recipe: Recipe) -> dict[str, to
 
 def read_linear(parts: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Tensor]:
     """Runtime layout from a pack-quantized Linear."""
-    weights = _weights_scheme(qc)
+    weights = weights_scheme(qc)
     bits = weights["num_bits"]
     n, k = (int(v) for v in parts["weight_shape"].tolist())
     packed = parts["weight_packed"]
@@ -77,7 +86,8 @@ def read_linear(parts: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Ten
     return {"qweight": packed.t().contiguous(), "qzeros": qzeros, "scales": scale.t().contiguous(), "g_idx": g_idx.to(torch.int32)}
 
 
-def _weights_scheme(qc: dict) -> dict:
+def weights_scheme(qc: dict) -> dict:
+    """The ``weights`` scheme of a pack-quantized config's one config group."""
     if qc.get("format") != "pack-quantized":
         raise QuantkitError(f"compressed-tensors format '{qc.get('format')}' is not supported (only pack-quantized)")
     groups = list(qc.get("config_groups", {}).values())

@@ -48,6 +48,7 @@ FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0
               "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q6_K": "MOSTLY_Q6_K",
               None: "ALL_F32"}
 LEAVES = ("qblocks", "qtype")
+REQUIRED = LEAVES
 
 
 def _gguf():
@@ -560,15 +561,14 @@ def export_fp(model: nn.Module, tokenizer_dir: str | Path, path: str | Path) -> 
     return path
 
 
-def finish(folder: Path, model: nn.Module, source: str | None, recipe, manifest: dict) -> None:
+def finish(folder: Path, config, source: str | None, recipe, manifest: dict) -> None:
     """Turn an export folder's part files (decoder layers, then 'rest') into ``model-<TYPE>.gguf``, with
-    config.json (its quantization_config names the type), the tokenizer files, quantkit.json and README.md."""
+    config.json (its quantization_config names the type), the tokenizer files and README.md."""
     from safetensors.torch import load_file
 
     from quantkit.export.writer import write_json
 
-    preflight(model.config, source)
-    config = model.config
+    preflight(config, source)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     name_map = _name_map(config)
     parts = sorted(folder.glob("part-*.safetensors"))
@@ -584,12 +584,11 @@ def finish(folder: Path, model: nn.Module, source: str | None, recipe, manifest:
     config_dict = config.to_dict()
     config_dict["quantization_config"] = quantization_config(recipe)
     write_json(folder / "config.json", config_dict)
-    from quantkit.export import TOKENIZER_FILES
+    from quantkit.checkpoint import TOKENIZER_FILES
 
     for fname in TOKENIZER_FILES:
         if (Path(source) / fname).is_file():
             shutil.copy2(Path(source) / fname, folder / fname)
-    write_json(folder / "quantkit.json", manifest)
     (folder / "README.md").write_text(model_card(path.name, recipe, manifest))
 
 
@@ -659,7 +658,7 @@ def read_config(reader):
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A GGUF quantkit wrote, as a causal LM with the dequantized weights (llama.cpp's values, bit for bit)."""
     gguf = _gguf()
-    from quantkit.checkpoint import materialize_buffers, meta_model
+    from quantkit.checkpoint import complete_model, meta_model
 
     try:
         reader = gguf.GGUFReader(str(path))
@@ -686,10 +685,5 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module
         heads = _rope_heads(hf, config)
         state[hf] = (_unpermute_rope(w, heads) if heads is not None else w).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    materialize_buffers(model, config)
-    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if leftover:
-        raise QuantkitError(f"'{path}' lacks tensors for {', '.join(leftover[:3])}")
+    complete_model(model, config, path)
     return model.eval()

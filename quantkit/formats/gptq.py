@@ -14,7 +14,7 @@ import torch
 from quantkit import __version__
 from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.errors import QuantkitError
-from quantkit.packing import pack_cols, pack_rows, to_int32, unpack_cols, unpack_rows
+from quantkit.formats.packing import pack_cols, pack_rows, to_int32, unpack_cols, unpack_rows
 from quantkit.recipe import Recipe
 
 
@@ -36,6 +36,13 @@ def pack_linear(prefix: str, q: QuantizedWeight, recipe: Recipe) -> dict[str, to
 
 
 LEAVES = ("qweight", "qzeros", "scales", "g_idx")
+REQUIRED = ("qweight", "qzeros", "scales")  # no g_idx: groups in order
+BITS = (2, 3, 4, 8)
+SERVED_BITS = (4, 8)  # the symmetric widths every loader below serves (vLLM reads no others)
+MIN_ZERO = 1  # v1 stores zero − 1 in `bits` bits, so an asymmetric zero point of 0 cannot be written
+
+# What transformers needs beside itself to load these exports (pip packages, the model card's note).
+TRANSFORMERS_NEEDS = ("optimum gptqmodel", "GPTQ needs `optimum` and `gptqmodel` (its CPU/GPU kernels).")
 
 # Loaders tests/test_interop.py checks these exports against (CPU, weights and logits); in quantkit.json.
 VERIFIED_WITH = {

@@ -1,4 +1,4 @@
-"""One quantization run end to end: load, calibrate, walk the layers, export atomically."""
+"""The `quantkit quantize` job: one run end to end (load, calibrate, walk the layers, export atomically)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit import formats
+from quantkit.algos.quantizer import QuantizedWeight
 from quantkit.calibration import circular_shifts, load_text, random_windows, read_chats, render_chats, tokenize
 from quantkit.errors import QuantkitError
 from quantkit.export import Exporter, manifest
 from quantkit.export.card import add_metrics, recipe_label, recipe_steps
-from quantkit.checkpoint import WeightSource
+from quantkit.checkpoint import WeightSource, layer_state
 from quantkit.distributed import World, init_world
 from quantkit.export.writer import ExportFolder, ResumeState
-from quantkit.model import Adapter, compute_device, load_model, load_model_lazy
+from quantkit.model import Adapter, compute_device, load_model, load_model_lazy, outer_names
 from quantkit.walk import walk_layers
 from quantkit.preflight import SMALL_CALIBRATION
 from quantkit.progress import log, warn
@@ -66,7 +68,7 @@ def calibration_tokens(tokenizer, source: str | None, recipe: Recipe, chat_templ
     return windows, info
 
 
-def quantize_model(
+def stream_layers(
     model: nn.Module,
     adapter: Adapter,
     recipe: Recipe,
@@ -80,27 +82,42 @@ def quantize_model(
     world: World = World(),
     verbose: bool = False,
 ) -> None:
-    """Quantize ``model`` in place (dequantized weights), streaming each finished layer to ``exporter``
+    """Run the layer walk over ``model`` (left holding the dequantized weights), streaming each finished layer to ``exporter``
     and recording progress in ``resume``."""
     layers = adapter.layers(model)
-    prefix = adapter.layers_path
     start = resume.layers_done if resume is not None else 0
 
     def restore(i: int, layer: nn.Module) -> None:
-        exporter.restore_layer(i, f"{prefix}.{i}", layer)
+        """Put written layer ``i`` back into ``layer`` (quantized Linears as their dequantized weights)."""
+        state = layer.state_dict()
+        tensors = layer_state(exporter.read_layer(i), adapter, layer)
+        layer.load_state_dict({k: v.to(state[k].dtype) if v.is_floating_point() else v for k, v in tensors.items()}, assign=True)
 
     walk = walk_layers(model, adapter, tokens, recipe, device, show_progress, offload=offload,
                        weights=weights, restore=restore, start=start, world=world, verbose=verbose,
                        experts_sink=exporter)
     for i, results in walk:
         if exporter is not None:
-            written = exporter.add_layer(i, f"{prefix}.{i}", layers[i], results)
+            written = exporter.add_layer(i, *checkpoint_tensors(layers[i], adapter, results))
             if resume is not None:
                 for path in written:
                     resume.record(path)
         if resume is not None:
             resume.layers_done = i + 1
             resume.save()
+
+
+def checkpoint_tensors(layer: nn.Module, adapter: Adapter, results: dict[str, QuantizedWeight]
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """A finished decoder layer as the exporter takes it, by checkpoint names (layer-relative): its
+    tensors outside the routed experts except the quantized Linears' weights, and the quantized weights."""
+    state = layer.state_dict()
+    tensors = {}
+    for name, stored in adapter.dense_names(layer).items():
+        module, _, leaf = name.rpartition(".")
+        if not (leaf == "weight" and module in results):
+            tensors[stored] = state[name]
+    return tensors, {adapter.checkpoint_name(name): q for name, q in results.items()}
 
 
 def _sha256(tokens: torch.Tensor | None) -> str:
@@ -147,8 +164,7 @@ def run(
     folder = ExportFolder(out, Path(source) if Path(source).is_dir() else None) if writes else None
     state = None
     if folder is not None:
-        folder.check(force, resume, restart)  # before the (slow) model load; ``open`` checks again under the lock
-        state = folder.open(force, resume, restart)
+        state = folder.open(force, resume, restart)  # before the (slow) model load
     try:
         try:
             if keep_model or out is None:
@@ -157,9 +173,7 @@ def run(
             else:
                 model, tokenizer, adapter, weights = load_model_lazy(source, trust_remote_code, allow_pickle)
             if recipe.export_format == "gguf" and writes:
-                from quantkit.export.gguf import preflight
-
-                preflight(model.config, source)
+                formats.gguf.preflight(model.config, source)
             tokens, calibration_info = None, None
             if recipe.needs_calibration:
                 tokens, calibration_info = calibration_tokens(tokenizer, calibration, recipe, chat_template)
@@ -176,9 +190,9 @@ def run(
                 log(f"calibration: {calibration} ({calibration_info['text_tokens']} tokens of text), "
                     f"{tokens.shape[0]} windows × {recipe.seqlen} tokens, seed {recipe.seed}")
         if recipe.format == "auto" and world.is_main:
-            log("--format auto chose {}: {}".format(*recipe.format_choice()))
+            log("--format auto chose {}: {}".format(*formats.choose(recipe)))
         if folder is None:
-            quantize_model(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world, verbose=verbose)
+            stream_layers(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world, verbose=verbose)
             return Run(model, None, time.perf_counter() - started)
         tmp = folder.tmp
         if state is not None:
@@ -188,8 +202,8 @@ def run(
             if state is None:
                 state = ResumeState(tmp, recipe.to_dict(), source, _sha256(tokens))
                 state.save()
-            exporter = Exporter(tmp, recipe, max_shard_bytes, adapter)
-            quantize_model(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state, world, verbose)
+            exporter = Exporter(tmp, recipe, max_shard_bytes, adapter.layers_path)
+            stream_layers(model, adapter, recipe, tokens, dev, exporter, show_progress, offload, weights, state, world, verbose)
             seconds = time.perf_counter() - started
             extra = {"source_bytes": _folder_bytes(Path(source))}
             if base_model:
@@ -198,7 +212,10 @@ def run(
                 extra["calibration"] = calibration_info
             info = manifest(recipe, source, seconds, extra)
             info["timings"]["peak_memory_bytes"] = _peak_memory(dev)  # run measurements sit apart from the result
-            exporter.finish(model, adapter, source, tokenizer, info)
+            state_dict = model.state_dict()
+            rest = {name: state_dict[name] for name in outer_names(state_dict, adapter, model.config)}
+            ignore = adapter.moe.ignore_patterns() if adapter.moe is not None else None
+            exporter.finish(model.config, rest, source, tokenizer, info, ignore)
             (tmp / "resume.json").unlink()
             folder.finalize(force)
         except KeyboardInterrupt:

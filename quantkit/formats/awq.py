@@ -11,10 +11,16 @@ from __future__ import annotations
 import torch
 
 from quantkit.algos.quantizer import QuantizedWeight
-from quantkit.packing import pack_awq, pack_cols, pack_rows, unpack_awq
+from quantkit.formats.packing import pack_awq, pack_cols, pack_rows, unpack_awq
 from quantkit.recipe import Recipe
 
 LEAVES = ("qweight", "qzeros", "scales")
+REQUIRED = LEAVES
+BITS = (4,)
+MIN_ZERO = 0
+
+# What transformers needs beside itself to load these exports (pip packages, the model card's note).
+TRANSFORMERS_NEEDS = ("gptqmodel", "AWQ needs `gptqmodel` (transformers ≥ 5 uses its AWQ kernels; older transformers used `autoawq`).")
 
 # Loaders tests/test_interop.py checks these exports against (CPU, weights and logits); in quantkit.json.
 VERIFIED_WITH = {

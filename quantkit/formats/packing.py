@@ -100,3 +100,10 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     """W^T [K, N] = scales[g_idx] · (codes − zeros[g_idx]) for codes [K, N], scales/zeros [K/G, N], g_idx [K]."""
     g = g_idx.long()
     return scales[g] * (codes.to(scales.dtype) - zeros[g].to(scales.dtype))
+
+
+def dequantize_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                      bits: int) -> torch.Tensor:
+    """W [N, K] float32 of a Linear in the runtime layout: qweight int32 [K·b/32, N], qzeros int32
+    [K/G, N·b/32] (actual zero points), scales [K/G, N], g_idx [K]."""
+    return dequantize(unpack_rows(qweight, bits), scales.float(), unpack_cols(qzeros, bits), g_idx).t()
