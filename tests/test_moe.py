@@ -70,7 +70,9 @@ def test_export_loads_back_to_the_in_memory_quantized_model(tiny_moe, calib_text
     experts = loaded.model.layers[0].mlp.experts.gate_up_proj
     with safe_open(str(source / "model.safetensors"), framework="pt") as fh:
         original = fh.get_tensor(f"model.layers.0.{block}.experts.0.{g}.weight")
-    assert not torch.equal(experts[0, : original.shape[0]], original), "the experts are quantized"
+    # the experts are quantized: every group of 64 inputs of a row holds at most 2^4 levels (the FP rows: 64)
+    groups = experts[0, : original.shape[0]].reshape(-1, CALIB["group_size"])
+    assert max(row.unique().numel() for row in groups) <= 16 < min(row.unique().numel() for row in original.reshape(groups.shape))
     manifest = json.loads((tmp_path / "out" / "quantkit.json").read_text())
     coverage = manifest["experts"]["model.layers.0"]
     assert sum(coverage["per_expert"]) == CALIB["nsamples"] * CALIB["seqlen"] * 2  # top-2: every token twice
@@ -135,9 +137,15 @@ def test_an_expert_no_token_reaches_is_calibrated_by_the_fallback(tiny_moe, cali
     assert coverage["fallback"] == [e for e, n in enumerate(coverage["per_expert"]) if n < MIN_EXPERT_TOKENS]
     assert 5 in coverage["fallback"]
     assert "expert 5 (0 tokens)" in (tmp_path / "out" / "README.md").read_text()
+    from quantkit.model import load_model
+
     loaded = load_quantized(tmp_path / "out", dtype=torch.float32)
-    w = loaded.model.layers[0].mlp.experts.down_proj[5]
-    assert torch.isfinite(w).all() and w.abs().sum() > 0
+    fp = load_model(str(source))[0].model.layers[0].mlp.experts
+    # solved on all the layer's tokens: the FP expert near its 4-bit grid (measured 0.145 relative; plain
+    # rounding of Gaussian rows ≈ 0.09; zero, NaN-fed or unsolved weights ≥ 1)
+    for name in ("gate_up_proj", "down_proj"):
+        w, original = getattr(loaded.model.layers[0].mlp.experts, name)[5], getattr(fp, name)[5]
+        assert torch.isfinite(w).all() and (w - original).norm() < 0.3 * original.norm(), name
 
 
 def routed_inputs(model, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
