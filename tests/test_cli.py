@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -22,7 +23,25 @@ def assert_user_error(result, *needles):
         assert needle in message, message
 
 
+def transformers_perplexity(model, tokenizer, text: Path, tokens: int, seqlen: int) -> float:
+    """exp(mean NLL) of the first ``tokens`` tokens of ``text`` in windows of ``seqlen``, from
+    transformers' own shifted-label loss (each window's mean over seqlen − 1 predictions)."""
+    import math
+
+    import torch
+
+    ids = torch.tensor(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"][:tokens]).reshape(-1, seqlen)
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in ids]
+    return math.exp(sum(losses) / len(losses))
+
+
 def test_quantize_eval_inspect(tiny_llama, calib_text, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantkit.runtime import load_quantized
+
     out = tmp_path / "q"
     r = invoke("quantize", tiny_llama, out, "--calibration", calib_text, "--nsamples", 4, "--seqlen", 64,
                "--bits", 4, "--group-size", 64, "--json", "--quiet")
@@ -30,12 +49,40 @@ def test_quantize_eval_inspect(tiny_llama, calib_text, tmp_path):
     summary = json.loads(r.stdout)
     assert summary["output"] == str(out) and summary["bits"] == 4 and summary["group_size"] == 64
     assert summary["seconds"] > 0 and summary["format"] == "gptq"
-    r = invoke("eval", out, "--dataset", calib_text, "--seqlen", 64, "--max-tokens", 640, "--json")
-    assert r.exit_code == 0, r.output
-    result = json.loads(r.stdout)
-    assert result["tokens"] == 640 and result["seqlen"] == 64 and result["perplexity"] > 1
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    ppl = {}
+    for label, model in (("fp", tiny_llama), ("quantized", out)):
+        r = invoke("eval", model, "--dataset", calib_text, "--seqlen", 64, "--max-tokens", 640, "--json")
+        assert r.exit_code == 0, r.output
+        result = json.loads(r.stdout)
+        assert result["tokens"] == 640 and result["seqlen"] == 64
+        ppl[label] = result["perplexity"]
+    # the same numbers from transformers' loss: on the FP model, and on the export as our runtime loads it
+    fp = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert ppl["fp"] == pytest.approx(transformers_perplexity(fp, tokenizer, calib_text, 640, 64), rel=1e-5)
+    quantized = load_quantized(out, dtype=torch.float32)
+    assert ppl["quantized"] == pytest.approx(transformers_perplexity(quantized, tokenizer, calib_text, 640, 64), rel=1e-5)
+    assert abs(ppl["quantized"] - ppl["fp"]) > 1e-4 * ppl["fp"]  # eval read the quantized weights, not the FP ones
     r = invoke("inspect", out)
     assert r.exit_code == 0 and "gptq" in r.stdout and "MiB" in r.stdout
+    r = invoke("inspect", out, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    config = json.loads((out / "config.json").read_text())
+    manifest = json.loads((out / "quantkit.json").read_text())
+    assert info == {
+        "export": str(out),
+        "quantization_config": config["quantization_config"],
+        "recipe": manifest["recipe"],
+        "bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+        "source_bytes": manifest["source_bytes"],
+        "calibration": manifest["calibration"],
+        "metrics": manifest.get("metrics", {}),
+        "timings": manifest.get("timings", {}),
+    }
+    assert info["recipe"]["bits"] == 4 and info["recipe"]["group_size"] == 64
+    assert info["quantization_config"]["quant_method"] == "gptq" and info["quantization_config"]["bits"] == 4
+    assert info["calibration"]["tokens"] == 4 * 64 and 0 < info["bytes"] < info["source_bytes"]
 
 
 def test_auto_format_says_which_and_why(tiny_llama, tmp_path):

@@ -50,7 +50,11 @@ def test_demo_code_path_on_a_tiny_model(offline_text, tiny_llama, tmp_path, monk
     out = tmp_path / "demo-smollm2-w4"
     metrics = json.loads((out / "quantkit.json").read_text())["metrics"]
     assert metrics["eval_dataset"] == "wiki" and metrics["eval_tokens"] == 1024 and metrics["eval_seqlen"] == 512
-    assert metrics["perplexity"] > 1 and metrics["fp_perplexity"] > 1 and metrics["perplexity"] != metrics["fp_perplexity"]
+    for key, model in (("perplexity", out), ("fp_perplexity", tiny_llama)):  # what `quantkit eval` measures on each
+        r_eval = invoke("eval", model, "--dataset", "wiki", "--max-tokens", 1024, "--seqlen", 512, "--json")
+        assert r_eval.exit_code == 0, r_eval.output
+        assert metrics[key] == pytest.approx(json.loads(r_eval.stdout)["perplexity"], abs=5e-5), key  # 4 decimals
+    assert abs(metrics["perplexity"] - metrics["fp_perplexity"]) > 1e-4 * metrics["fp_perplexity"]
     assert f"FP32       {metrics['fp_perplexity']:.3f}" in r.stdout
     assert f"quantized  {metrics['perplexity']:.3f}" in r.stdout and "MiB on disk" in r.stdout and str(out.name) in r.stdout
     assert "recipe: GPTQ + AWQ, attention-concentration importance [0.005, 1], W4 g128 sym, gptq format" in r.stdout

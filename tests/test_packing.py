@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from quantkit.algos.quantizer import Grid, round_to_nearest
+from quantkit.errors import QuantkitError
 from quantkit.formats import gptq
 from quantkit.recipe import Recipe
 from quantkit.formats.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
@@ -44,8 +45,9 @@ def test_awq_round_trip_and_order():
 def test_gptq_layout_round_trip_through_quantlinear(bits, sym, group_size):
     torch.manual_seed(bits)
     w = torch.randn(64, 128)
-    q = round_to_nearest(w, Grid(bits, group_size, sym, min_zero=0 if sym else 1))
-    tensors = gptq.pack_linear("m", q, Recipe(bits=bits, group_size=group_size, sym=sym, format="gptq"))
+    recipe = Recipe(bits=bits, group_size=group_size, sym=sym, format="gptq")
+    q = round_to_nearest(w, recipe.grid)  # the grid a gptq export is solved on (asymmetric zero points ≥ 1)
+    tensors = gptq.pack_linear("m", q, recipe)
     k, n = 128, 64
     g = 1 if group_size == -1 else k // group_size
     assert tensors["m.qweight"].shape == (k * bits // 32, n)
@@ -61,10 +63,16 @@ def test_gptq_layout_round_trip_through_quantlinear(bits, sym, group_size):
 
 def test_gptq_v1_refuses_zero_point_zero():
     w = torch.rand(32, 32)  # all positive: asymmetric zero point 0
-    q = round_to_nearest(w, Grid(4, 32, sym=False))
+    q = round_to_nearest(w, Grid(4, 32, sym=False))  # a compressed-tensors grid: zero points from 0
     assert (q.zeros == 0).any()
-    with pytest.raises(Exception, match="zero point of 0"):
-        gptq.pack_linear("m", q, Recipe(sym=False, format="gptq"))
+    with pytest.raises(QuantkitError) as refused:
+        gptq.pack_linear("model.layers.0.mlp.up_proj", q, Recipe(sym=False, format="gptq"))
+    assert str(refused.value) == ("model.layers.0.mlp.up_proj: an asymmetric zero point of 0 cannot be stored in GPTQ v1 "
+                                  "(it keeps zero − 1); use --format compressed-tensors or --sym")
+    recipe = Recipe(sym=False, group_size=32, format="gptq")  # the grid a gptq export solves on lifts those zero points to 1
+    q = round_to_nearest(w, recipe.grid)
+    assert q.zeros.min() == 1
+    assert unpack_cols(gptq.pack_linear("m", q, recipe)["m.qzeros"], 4).min() == 0  # stored as zero − 1
 
 
 def test_gptq_reader_undoes_word_level_borrow():

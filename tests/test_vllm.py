@@ -11,6 +11,13 @@ enforce_eager=True, max_model_len=512)`` and reports per folder; the tests here 
 vLLM 0.32's CPU kernels are 4-bit only (CPUWNA16: uint4 / uint4b8): the 3- and 2-bit kinds must be
 accepted up to the kernel choice (CompressedTensorsWNA16 with the zero-point type uintB) and then
 skip with that reason; on CUDA they run (bench/serve_gpu.py).
+
+Mixture-of-experts exports (tiny Mixtral gptq, Qwen2-MoE compressed-tensors; conftest.make_moe_export)
+and their FP sources load in the same process. vLLM binds its int4 MoE methods to the routed experts
+(AutoGPTQMoEMethod, CompressedTensorsWNA16MoEMethod); on CPU their one int4 experts kernel is
+CPUExpertsInt4 (fused_moe/experts/cpu_moe.py: x86 with AMX tiles), ZEN_CPU (zentorch) is off by default
+(VLLM_CPU_INT4_W4A8): without AMX, select_wna16_moe_backend finds no backend, which must be the only
+failure; the test then skips with that reason. The FP sources run everywhere (UnquantizedFusedMoEMethod).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_moe_export
 from test_interop import Export, peer_python, quantkit_export
 
 from quantkit.cli import cli
@@ -70,6 +78,30 @@ KINDS = [
 MODELS = ["tiny", "smollm2"]
 
 
+@dataclass(frozen=True)
+class MoeKind:
+    """A tiny MoE export (``make_moe_export``: W4 g128 sym, the default GPTQ + AWQ recipe), the methods vLLM
+    must bind to its routed experts and to its quantized dense Linears (attention, the shared expert:
+    ``dense_per_layer`` of them after vLLM's q/k/v and gate/up fusion), or the FP source (``fmt`` None)."""
+
+    name: str
+    model_type: str
+    fmt: str | None
+    moe_method: str
+    method: str | None = None
+    dense_per_layer: int = 0
+
+
+MOE_KINDS = [
+    MoeKind("moe-mixtral-fp", "mixtral", None, "UnquantizedFusedMoEMethod"),
+    MoeKind("moe-mixtral-gptq-w4", "mixtral", "gptq", "AutoGPTQMoEMethod", "AutoGPTQLinearMethod", 2),
+    MoeKind("moe-qwen2_moe-fp", "qwen2_moe", None, "UnquantizedFusedMoEMethod"),
+    MoeKind("moe-qwen2_moe-ct-w4", "qwen2_moe", "compressed-tensors", "CompressedTensorsWNA16MoEMethod", CT_WNA16, 4),
+]
+CPU_MOE_KERNEL = "CPU/CPUExpertsInt4"  # the WNA16 MoE backend and experts class vLLM picks on an AMX host
+NO_MOE_BACKEND = "NotImplementedError: No WNA16 MoE backend supports the deployment configuration."
+
+
 def has_avx512() -> bool:
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     return "avx512f" in flags.split()
@@ -102,6 +134,16 @@ def engine(request, tmp_path_factory, tiny_llama, calib_text) -> EngineRun:
     except pytest.skip.Exception as e:
         skipped["smollm2"] = str(e)
     folders, prompts, jobs = {}, {}, []
+    moe_sources = {}
+    for kind in sorted(MOE_KINDS, key=lambda k: k.fmt is None):  # the exports first: the FP jobs load their sources
+        if kind.fmt:
+            folders[kind.name] = make_moe_export(folder / kind.name, kind.model_type, kind.fmt)
+            moe_sources[kind.model_type] = folder / kind.name / "source"
+        else:
+            folders[kind.name] = moe_sources[kind.model_type]
+        prompts[kind.name] = (prompt_ids(folders[kind.name], calib_text), calib_text)
+        jobs.append({"id": kind.name, "path": str(folders[kind.name]), "prompt_ids": prompts[kind.name][0],
+                     "max_tokens": GREEDY_TOKENS})
     for model, path in models.items():
         prompts[model] = (prompt_ids(path, texts[model]), texts[model])
         for kind in KINDS:
@@ -182,6 +224,42 @@ def test_vllm_serves_export(engine: EngineRun, model: str, kind: Kind):
         assert facts["greedy"] == transformers_greedy(folder, ids), f"{job}: vLLM and transformers greedy differ"
     ours = quantkit_nll(folder, text)
     assert abs(facts["prompt_nll"] - ours) <= NLL_RTOL * ours, f"{job}: vLLM NLL {facts['prompt_nll']:.4f}, quantkit {ours:.4f}"
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS, ids=lambda k: k.name)
+def test_vllm_serves_moe_export(engine: EngineRun, kind: MoeKind):
+    """vLLM binds its MoE method to every routed-expert layer of our MoE exports; where its CPU int4
+    experts kernel runs (AMX), it scores the text as ``quantkit eval`` does; elsewhere the missing MoE
+    backend must be the only failure."""
+    facts = engine.results.get(kind.name)
+    assert facts is not None, f"vLLM job {kind.name} did not run"
+    folder = engine.folders[kind.name]
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    amx = engine.results["host"]["amx_tile"]
+    if kind.fmt and not amx:
+        # the config is accepted and the expected MoE method chosen: it fails choosing its kernel, and only there
+        assert not facts["constructed"], f"{kind.name}: vLLM now constructs without AMX: expect a CPU MoE kernel"
+        assert facts["error"] == NO_MOE_BACKEND, facts["error"]
+        frames = facts["frames"]
+        assert f"{kind.moe_method}.__init__" in frames and frames[-1] == "select_wna16_moe_backend", frames
+        pytest.skip(f"vllm {engine.results['versions']['vllm-cpu']}: {kind.moe_method} chosen for the experts; its CPU "
+                    "int4 experts kernel CPUExpertsInt4 needs AMX tiles (this host has none) and ZEN_CPU is off: "
+                    "no WNA16 MoE backend on this CPU (AMX hosts and GPUs only)")
+    assert facts["constructed"], f"{kind.name}: LLM() failed: {facts.get('error')}"
+    assert facts["moe_methods"] == {kind.moe_method: layers}, f"{kind.name}: {facts['moe_methods']}"
+    assert facts["moe_kernels"] == ({CPU_MOE_KERNEL: layers} if kind.fmt else {}), f"{kind.name}: {facts['moe_kernels']}"
+    if kind.method:
+        assert facts["linear_methods"].get(kind.method) == kind.dense_per_layer * layers, facts["linear_methods"]
+    else:
+        assert set(facts["linear_methods"]) == {"UnquantizedLinearMethod"}, facts["linear_methods"]
+    ids, text = engine.prompts[kind.name]
+    if kind.fmt and not has_avx512():
+        pytest.skip("constructed; generation needs AVX-512")
+    assert len(facts["greedy"]) == GREEDY_TOKENS
+    if not kind.fmt:
+        assert facts["greedy"] == transformers_greedy(folder, ids), f"{kind.name}: vLLM and transformers greedy differ"
+    ours = quantkit_nll(folder, text)
+    assert abs(facts["prompt_nll"] - ours) <= NLL_RTOL * ours, f"{kind.name}: vLLM NLL {facts['prompt_nll']:.4f}, quantkit {ours:.4f}"
 
 
 def test_verified_with_names_the_vllm_tested(engine: EngineRun):

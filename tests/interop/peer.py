@@ -8,7 +8,9 @@ JOBS.json is a list of jobs, run in order in this one process (peer imports cost
       load checkpoint ``path`` with the peer's loader and write its logits for ``inputs``
       (safetensors, "input_ids" int64 [B, L]) to ``out`` (safetensors, "logits" fp32 [B, L, V]);
       with "weights", also every decoder Linear's effective weight "<module>" fp32 [N, K], read
-      back through the peer's kernel (forward of the identity, bias removed).
+      back through the peer's kernel (forward of the identity, bias removed). Facts: the kernel
+      classes, and for transformers the loading report's "missing_keys" / "unexpected_keys";
+      with "forward": false, only that report (no logits: a load whose forward cannot run).
   {"id", "kind": "gptqmodel" | "llmcompressor", "model", "save", "bits", "group_size", "sym",
    "calibration"}
       quantize float model ``model`` with that tool (GPTQ, calibration "input_ids" [n, L] from the
@@ -71,6 +73,7 @@ def logits(job: dict) -> dict:
 
         kwargs = {"backend": job["backend"]} if job.get("backend") else {}
         model = GPTQModel.load(job["path"], device="cpu", dtype=dtype, **kwargs).model
+        loading = {}
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -83,14 +86,17 @@ def logits(job: dict) -> dict:
             kwargs["quantization_config"] = config_class.from_dict({**qc, "backend": job["backend"]})
         if importlib.util.find_spec("accelerate"):  # device_map needs it (the vllm venv has none; CPU is the default)
             kwargs["device_map"] = "cpu"
-        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=dtype, **kwargs)
+        model, report = AutoModelForCausalLM.from_pretrained(job["path"], dtype=dtype, output_loading_info=True, **kwargs)
+        loading = {k: sorted(report[k]) for k in ("missing_keys", "unexpected_keys")}
+    if not job.get("forward", True):
+        return loading
     ids = load_file(job["inputs"])["input_ids"]
     tensors = {"logits": model(input_ids=ids).logits.float().contiguous()}
     linears = decoder_linears(model)
     if job.get("weights"):
         tensors.update({name: effective_weight(m, dtype) for name, m in linears.items()})
     save_file(tensors, job["out"])
-    return {"kernels": sorted({type(m).__name__ for m in linears.values()})}
+    return {"kernels": sorted({type(m).__name__ for m in linears.values()}), **loading}
 
 
 def calibration(job: dict) -> torch.Tensor:

@@ -12,12 +12,16 @@ RESULTS.json maps each job id to facts, written after every job (a crash leaves 
   linear_methods   {quant_method class: number of layers} over the engine model's LinearBase layers,
                    the class suffixed with the compressed-tensors scheme (":CompressedTensorsWNA16")
   kernels          {mixed-precision kernel class: number of layers}, where the method has one
+  moe_methods      {quant_method class: number of layers} over the routed-expert layers (RoutedExperts)
+  moe_kernels      {"WNA16 backend/experts class": number of layers} chosen for them, where the method has one
   greedy           max_tokens greedily generated token ids after prompt_ids   (with "generate")
   prompt_nll       mean NLL (nats) of prompt_ids[1:] from vLLM's prompt logprobs  (with "generate")
   decode_tokens_per_s  generated tokens / s over "batch" prompts of "tokens" new tokens each, after a
                    warm-up request (with "decode"; the prompts are the first 32 prompt_ids)
   seconds          wall time of the job
-plus "versions" (vllm, torch, transformers, compressed-tensors).
+  frames           where it failed: the qualified names of the traceback's functions, outermost first
+plus "versions" (vllm, torch, transformers, compressed-tensors) and "host" ({"amx_tile": bool}: vLLM's
+CPU MoE kernel for int4 experts, CPUExpertsInt4, needs AMX tiles).
 On CPU the caller sets VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0.
 """
 
@@ -61,7 +65,24 @@ def linear_methods(model) -> dict[str, dict[str, int]]:
         kernel = getattr(scheme, "kernel", None) or getattr(module.quant_method, "kernel", None)
         if kernel is not None:
             kernels[type(kernel).__name__] += 1
-    return {"linear_methods": dict(methods), "kernels": dict(kernels)}
+    return {"linear_methods": dict(methods), "kernels": dict(kernels), **moe_methods(model)}
+
+
+def moe_methods(model) -> dict[str, dict[str, int]]:
+    """Which MoE method, WNA16 backend and experts kernel vLLM bound to each routed-expert layer."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    methods, kernels = Counter(), Counter()
+    for module in model.modules():
+        if not isinstance(module, RoutedExperts):
+            continue
+        method = module.quant_method
+        methods[type(method).__name__] += 1
+        backend = getattr(method, "wna16_moe_backend", None) or getattr(method, "wna16_backend", None)
+        experts = getattr(method, "experts_cls", None)
+        if backend is not None:
+            kernels[f"{backend.value}/{getattr(experts, '__name__', experts)}"] += 1
+    return {"moe_methods": dict(methods), "moe_kernels": dict(kernels)}
 
 
 def decode_rate(llm, ids: list[int], batch: int, tokens: int) -> float:
@@ -107,14 +128,17 @@ def run_job(job: dict, spec: dict) -> dict:
 
 def main(jobs_path: str, results_path: str) -> None:
     spec = json.loads(open(jobs_path).read())
-    results: dict = {"versions": versions()}
+    import torch
+
+    results: dict = {"versions": versions(), "host": {"amx_tile": bool(torch.cpu._is_amx_tile_supported())}}
     for job in spec["jobs"]:
         t0 = time.time()
         try:
             facts = run_job(job, spec)
         except Exception as e:  # one failing folder must not hide the others' facts
             traceback.print_exc(file=sys.stderr)
-            facts = {"constructed": False, "error": f"{type(e).__name__}: {e}"}
+            frames = [frame.f_code.co_qualname for frame, _ in traceback.walk_tb(e.__traceback__)]
+            facts = {"constructed": False, "error": f"{type(e).__name__}: {e}", "frames": frames}
         facts["seconds"] = round(time.time() - t0, 1)
         results[job["id"]] = facts
         print(f"[vllm_engine] {job['id']}: {json.dumps(facts)[:400]}", file=sys.stderr, flush=True)
