@@ -122,7 +122,7 @@ def main() -> None:
         if not ours_dir.is_dir():
             _, seconds, _ = timed(quantkit("quantize", model, str(ours_dir), "--gguf-type", gguf_type, "--calibration",
                                            str(calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                                           "--quiet", "--json"))
+                                           "--restart", "--quiet", "--json"))  # never resume a partial of older code
             row["quantkit_seconds"] = round(seconds, 1)
         files["quantkit gptq+awq"] = ours_dir / f"model-{gguf_type}.gguf"
         types = {label: tensor_types(path) for label, path in files.items()}

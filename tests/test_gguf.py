@@ -24,7 +24,7 @@ from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.export.gguf import (  # noqa: E402
     TYPES, dequantize_blocks, export_fp, load_gguf, pack_blocks, recipe_defaults, unpack_blocks,
 )
-from quantkit.quantize import run  # noqa: E402
+from quantkit.quantize import run, summary  # noqa: E402
 from quantkit.recipe import Recipe  # noqa: E402
 
 PEERS_DIR = Path(os.environ.get("QUANTKIT_PEERS_DIR") or Path.home() / ".cache" / "quantkit-peers")
@@ -198,6 +198,8 @@ def test_export_file_and_reader(tiny_256, calib_text, tmp_path, gguf_type, rotat
     assert types["blk.0.ffn_down.weight"] == {"Q4_K": "Q5_0", "Q3_K": "Q4_0"}.get(gguf_type, gguf_type)  # in_features 384
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "F16"
     assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
+    size = path.stat().st_size / 2**20
+    assert f"→ {size:.1f} MiB" in summary(result) or f"size {size:.1f} MiB" in summary(result)  # the .gguf counts
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"  - {gguf_type}" in card.split("---")[1] and f"llama-cli -m model-{gguf_type}.gguf" in card
     loaded = load_gguf(path)
