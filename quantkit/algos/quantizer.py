@@ -7,7 +7,9 @@ grids fit [min(w, 0), max(w, 0)] onto [0, 2^b − 1].
 ``BlockGrid`` is llama.cpp's family of block grids (the GGUF types): blocks of 32 with one fp16
 scale (and min), and the k-quants, whose super-blocks of 256 hold 16- or 32-column sub-blocks with
 integer sub-block scales (and mins) times one fp16 scale — fitted together when the super-block
-starts, so what the solver rounds to is exactly what llama.cpp reads.
+starts, so what the solver rounds to is exactly what llama.cpp reads. Inside GPTQ those scales (and
+mins) are searched by the error weighted with the Hessian's diagonal, as llama.cpp's imatrix
+quantizers weight theirs (``BlockGrid.fit_weighted``).
 """
 
 from __future__ import annotations
@@ -189,16 +191,18 @@ def _best_scale(x: torch.Tensor, h: torch.Tensor, lo: int, hi: int, anchor: int,
 
 
 def _offset_error(x: torch.Tensor, h: torch.Tensor, s: torch.Tensor, m: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Σ_j h_j (x_j − (s·q_j + m))² over the last dim, q = clamp(round((x − m)/s), 0, maxq): [..., n] -> [...]."""
+    """Σ_j h_j (x_j − (s·q_j + m))² over the last dim, q = clamp(round((x − m)/s), 0, maxq):
+    [..., n] -> [...]."""
     q = _codes(x - m[..., None], s, 0, maxq)
     return (h * (x - s[..., None] * q - m[..., None]).square()).sum(-1)
 
 
-def _best_scale_min(x: torch.Tensor, h: torch.Tensor, maxq: int, clamp_min: bool, stored: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_scale_min(x: torch.Tensor, h: torch.Tensor, maxq: int, clamp_min: bool,
+                    stored: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale s and min m [...] of x [..., n] (values s·q + m, q in 0..maxq) minimising Σ h (x − s·q − m)²
-    (``stored``: both rounded to fp16 as stored), among the plain fit ([min, max] onto [0, maxq]) and llama.cpp's make_qkx3_quants
-    candidates: [min, max] onto maxq − 0.9 + 0.05·i (i = 0..36) codes, each refitted by weighted least
-    squares on its codes. ``clamp_min``: m ≤ 0 (k-quants store −m as an unsigned integer)."""
+    (``stored``: both rounded to fp16 first, as stored) among the plain fit ([min, max] onto [0, maxq])
+    and llama.cpp's make_qkx3_quants candidates: [min, max] onto maxq − 0.9 + 0.05·i codes (i = 0..36),
+    each refitted by weighted least squares on its codes. ``clamp_min``: m ≤ 0 (k-quants store −m)."""
     lo, top = x.amin(-1), x.amax(-1)
     if clamp_min:
         lo = lo.clamp(max=0)
@@ -234,7 +238,8 @@ class BlockGrid:
     symmetric types map each group's largest-magnitude weight to code 0 (scale = extreme / −zero,
     as llama.cpp does), scale + min types fit [min(w, 0), max(w)] (Q4_1: [min, max]); k-quants then
     round the sub-block scales (and mins) to ``scale_bits``-bit integers times one fp16 scale, so the
-    scales returned are exactly d·sc_j and the mins −dmin·m_j."""
+    scales returned are exactly d·sc_j and the mins −dmin·m_j. Given an importance per column (GPTQ
+    passes diag H), ``fit_weighted`` searches the scales as llama.cpp's imatrix quantizers do."""
 
     type: str
 
@@ -334,7 +339,8 @@ class BlockGrid:
             def with_scale(d: torch.Tensor) -> torch.Tensor:
                 return d[:, None] * _codes(s, d, 1, top)
 
-            d = _best_scale(s, sw, 1, top, top, _fp16, lambda d: _offset_error(x, h, with_scale(d), m, self.maxq).sum(-1))
+            d = _best_scale(s, sw, 1, top, top, _fp16,
+                            lambda d: _offset_error(x, h, with_scale(d), m, self.maxq).sum(-1))
             s = with_scale(d)
 
             def with_min(d: torch.Tensor) -> torch.Tensor:
@@ -353,7 +359,8 @@ class BlockGrid:
                 sc = ratio.round().clamp(-top, top - 1)
                 return d[:, None] * torch.where(sc == 0, torch.where(ratio >= 0, 1.0, -1.0), sc)  # no sub-block lost
 
-            d = _best_scale(s, sw, -top, top - 1, -top, _fp16, lambda d: _sym_error(x, h, with_scale(d), lo, hi).sum(-1))
+            d = _best_scale(s, sw, -top, top - 1, -top, _fp16,
+                            lambda d: _sym_error(x, h, with_scale(d), lo, hi).sum(-1))
             s = with_scale(d)
         return s, torch.full_like(s, spec.zero)
 
