@@ -93,15 +93,21 @@ def main() -> None:
         tool("llama-imatrix", "-m", str(fp), "-f", str(calib), "-o", str(imatrix), "-c", str(args.seqlen),
              "--chunks", str(args.nsamples), "-t", threads)
 
-    cache_file = work / "perplexities.json"  # {file name: [size, mtime, ids file, ppl]}: reruns skip measured files
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cache_file = work / "perplexities.json"  # {path in --work: [size, mtime, ids file, ppl]}: reruns skip measured files
+
+    def read_cache() -> dict:
+        return json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+
+    cache = read_cache()
 
     def ppl(path: Path) -> float:
-        key = [path.stat().st_size, path.stat().st_mtime, ids.name]
-        if cache.get(path.name, [None] * 3)[:3] != key:
-            cache[path.name] = key + [probe("perplexity", str(path), str(ids), "512")["perplexity"]]
+        name, key = str(path.relative_to(work)), [path.stat().st_size, path.stat().st_mtime, ids.name]
+        if cache.get(name, [None] * 3)[:3] != key:
+            value = probe("perplexity", str(path), str(ids), "512")["perplexity"]
+            cache.update(read_cache())  # what side-by-side invocations measured meanwhile
+            cache[name] = key + [value]
             cache_file.write_text(json.dumps(cache, indent=1))
-        return cache[path.name][3]
+        return cache[name][3]
 
     rows = []
     fp_ppl = ppl(fp)
@@ -122,7 +128,7 @@ def main() -> None:
         if not ours_dir.is_dir():
             _, seconds, _ = timed(quantkit("quantize", model, str(ours_dir), "--gguf-type", gguf_type, "--calibration",
                                            str(calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                                           "--quiet", "--json"))
+                                           "--restart", "--quiet", "--json"))  # never resume a partial of older code
             row["quantkit_seconds"] = round(seconds, 1)
         files["quantkit gptq+awq"] = ours_dir / f"model-{gguf_type}.gguf"
         types = {label: tensor_types(path) for label, path in files.items()}

@@ -255,7 +255,7 @@ def measure(source: str, out: Path, tokenizer, evaluation: Evaluation, device: t
 def summary(result: Run) -> str:
     """The final line of a run: time, peak memory, size before/after, where the card is."""
     info = result.manifest
-    size = sum(f.stat().st_size for f in result.output.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in result.output.iterdir() if f.suffix in (".safetensors", ".gguf"))
     before = info.get("source_bytes")
     sizes = f"{before / 2**20:.1f} MiB → {size / 2**20:.1f} MiB ({size / before:.1%})" if before else f"{size / 2**20:.1f} MiB"
     peak = info["timings"]["peak_memory_bytes"]

@@ -140,12 +140,14 @@ def gptq_solve(
     per = span // gsize  # groups per span
     ngroups = k // gsize
 
-    def fit_span(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scales and zeros of the groups in w [N, span], as rows [span/G, N]."""
+    hdiag = torch.diag(H).clone()  # block grids fit each group's scale by the error weighted with diag(H)
+
+    def fit_span(w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zeros of the groups in w [N, span] (columns col..col + span), as rows [span/G, N]."""
         if clip_search:
             scale, zero = grid.search(w)
             return scale[None], zero[None]
-        scale, zero = grid.fit_span(w)
+        scale, zero = grid.fit_span(w, hdiag[col : col + span]) if isinstance(grid, BlockGrid) else grid.fit_span(w)
         return scale.t(), zero.t()
 
     # per-group scales and zeros as rows [G, N]: the loop reads one group's as a contiguous vector
@@ -153,7 +155,7 @@ def gptq_solve(
     zeros = torch.zeros(ngroups, n, device=W.device)
     if act_order:
         for g in range(0, ngroups, per):
-            scales[g : g + per], zeros[g : g + per] = fit_span(W[:, g * gsize : g * gsize + span])
+            scales[g : g + per], zeros[g : g + per] = fit_span(W[:, g * gsize : g * gsize + span], g * gsize)
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(k, device=W.device)
@@ -182,7 +184,7 @@ def gptq_solve(
                     upcoming = W1[i : i + span]
                     if upcoming.shape[0] < span:  # the span runs past this outer block
                         upcoming = torch.cat([upcoming, Wt[i2 : i2 + span - upcoming.shape[0]]])
-                    scales[g : g + per], zeros[g : g + per] = fit_span(upcoming.t().contiguous())  # rows contiguous
+                    scales[g : g + per], zeros[g : g + per] = fit_span(upcoming.t().contiguous(), col)  # rows contiguous
                 w, s, z = W1[i], scales[g], zeros[g]
                 q = grid.quantize(w[:, None], s, z)[:, 0]
                 codes[i1 + i] = q

@@ -7,7 +7,9 @@ grids fit [min(w, 0), max(w, 0)] onto [0, 2^b − 1].
 ``BlockGrid`` is llama.cpp's family of block grids (the GGUF types): blocks of 32 with one fp16
 scale (and min), and the k-quants, whose super-blocks of 256 hold 16- or 32-column sub-blocks with
 integer sub-block scales (and mins) times one fp16 scale — fitted together when the super-block
-starts, so what the solver rounds to is exactly what llama.cpp reads.
+starts, so what the solver rounds to is exactly what llama.cpp reads. Inside GPTQ those scales (and
+mins) are searched by the error weighted with the Hessian's diagonal, as llama.cpp's imatrix
+quantizers weight theirs (``BlockGrid.fit_weighted``).
 """
 
 from __future__ import annotations
@@ -143,9 +145,89 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h == 0, torch.ones_like(h), h)
 
 
+def _fp16_keep_zero(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16, back in x's dtype (for mins, which may be 0)."""
+    return x.to(torch.float16).to(x.dtype)
+
+
 def _extreme(w: torch.Tensor) -> torch.Tensor:
     """The signed element of largest magnitude along the last dim: [..., C] -> [...]."""
     return w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))[..., 0]
+
+
+# Candidate scales of the weighted searches: the block's extreme onto its anchor code times 1 + i/80,
+# i = −9..9 (llama.cpp's make_qx_quants steps of 0.1 codes at Q4_0's anchor −8).
+_STRETCH = [i / 80 for i in range(-9, 10)]
+
+
+def _codes(x: torch.Tensor, s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """clamp(round(x / s), lo, hi) for x [..., n] and scales s [...]; 0 where s is 0."""
+    s = s[..., None]
+    return torch.where(s == 0, torch.zeros_like(x), (x / torch.where(s == 0, 1.0, s)).round().clamp(lo, hi))
+
+
+def _sym_error(x: torch.Tensor, h: torch.Tensor, s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Σ_j h_j (x_j − s·l_j)² over the last dim, l = the codes of x on scale s: [..., n] -> [...]."""
+    return (h * (x - s[..., None] * _codes(x, s, lo, hi)).square()).sum(-1)
+
+
+def _best_scale(x: torch.Tensor, h: torch.Tensor, lo: int, hi: int, anchor: int, cast, error) -> torch.Tensor:
+    """The scale s [...] of x [..., n] (values s·l, codes l in lo..hi) that minimises ``error(s)`` [...]
+    among the plain fit (x's extreme onto code ``anchor``) and llama.cpp's make_qx_quants candidates:
+    the extreme onto anchor·(1 + i/80), each refitted by weighted least squares on its codes,
+    s = Σ h x l / Σ h l² (h [..., n] ≥ 0). ``cast`` rounds a scale as it is stored (fp16)."""
+    ext = _extreme(x)
+    best = cast(ext / anchor)
+    best_err = error(best)
+    for f in _STRETCH:
+        s = ext / (anchor * (1 + f))
+        l = _codes(x, s, lo, hi)
+        den = (h * l * l).sum(-1)
+        s = cast(torch.where(den > 0, (h * x * l).sum(-1) / den.clamp(min=1e-30), s))
+        err = error(s)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
+
+
+def _offset_error(x: torch.Tensor, h: torch.Tensor, s: torch.Tensor, m: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Σ_j h_j (x_j − (s·q_j + m))² over the last dim, q = clamp(round((x − m)/s), 0, maxq):
+    [..., n] -> [...]."""
+    q = _codes(x - m[..., None], s, 0, maxq)
+    return (h * (x - s[..., None] * q - m[..., None]).square()).sum(-1)
+
+
+def _best_scale_min(x: torch.Tensor, h: torch.Tensor, maxq: int, clamp_min: bool,
+                    stored: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale s and min m [...] of x [..., n] (values s·q + m, q in 0..maxq) minimising Σ h (x − s·q − m)²
+    (``stored``: both rounded to fp16 first, as stored) among the plain fit ([min, max] onto [0, maxq])
+    and llama.cpp's make_qkx3_quants candidates: [min, max] onto maxq − 0.9 + 0.05·i codes (i = 0..36),
+    each refitted by weighted least squares on its codes. ``clamp_min``: m ≤ 0 (k-quants store −m)."""
+    lo, top = x.amin(-1), x.amax(-1)
+    if clamp_min:
+        lo = lo.clamp(max=0)
+    span = (top - lo).clamp(min=1e-30)
+    cast_s, cast_m = (_fp16, _fp16_keep_zero) if stored else (lambda v: v, lambda v: v)
+    best_s, best_m = cast_s(span / maxq), cast_m(lo)
+    best_err = _offset_error(x, h, best_s, best_m, maxq)
+    sw, sx = h.sum(-1), (h * x).sum(-1)
+    for i in range(37):
+        q = ((x - lo[..., None]) * ((maxq - 0.9 + 0.05 * i) / span)[..., None]).round().clamp(0, maxq)
+        sl, sl2, sxl = (h * q).sum(-1), (h * q * q).sum(-1), (h * x * q).sum(-1)
+        det = sw * sl2 - sl * sl
+        ok = det > 0
+        s = (sw * sxl - sx * sl) / torch.where(ok, det, 1.0)
+        m = (sl2 * sx - sl * sxl) / torch.where(ok, det, 1.0)
+        if clamp_min:
+            pos = m > 0
+            s, m = torch.where(pos, sxl / sl2.clamp(min=1e-30), s), torch.where(pos, 0.0, m)
+        ok &= s > 0
+        s, m = cast_s(torch.where(ok, s, best_s)), cast_m(torch.where(ok, m, best_m))
+        err = _offset_error(x, h, s, m, maxq)
+        better = err < best_err
+        best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
+        best_err = torch.where(better, err, best_err)
+    return best_s, best_m
 
 
 @dataclass(frozen=True)
@@ -156,7 +238,8 @@ class BlockGrid:
     symmetric types map each group's largest-magnitude weight to code 0 (scale = extreme / −zero,
     as llama.cpp does), scale + min types fit [min(w, 0), max(w)] (Q4_1: [min, max]); k-quants then
     round the sub-block scales (and mins) to ``scale_bits``-bit integers times one fp16 scale, so the
-    scales returned are exactly d·sc_j and the mins −dmin·m_j."""
+    scales returned are exactly d·sc_j and the mins −dmin·m_j. Given an importance per column (GPTQ
+    passes diag H), ``fit_weighted`` searches the scales as llama.cpp's imatrix quantizers do."""
 
     type: str
 
@@ -200,8 +283,13 @@ class BlockGrid:
             return BlockGrid(K_FALLBACK[self.type])
         return self
 
-    def fit_span(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scales and zeros (offset types: mins) of w [N, span]: ([N, span/sub], [N, span/sub])."""
+    def fit_span(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zeros (offset types: mins) of w [N, span]: ([N, span/sub], [N, span/sub]).
+
+        ``importance`` [span] (or [N, span]), ≥ 0: how much each weight's error costs (GPTQ passes the
+        diagonal of H, what llama.cpp's imatrix holds); the fit is then ``fit_weighted``'s."""
+        if importance is not None:
+            return self.fit_weighted(w, importance)
         spec = self.spec
         sub = w.reshape(w.shape[0], -1, spec.sub)
         if spec.offset:
@@ -226,6 +314,55 @@ class BlockGrid:
         sc = ratio.round().clamp(-top, top - 1)
         sc = torch.where(sc == 0, torch.where(ratio >= 0, 1.0, -1.0), sc)  # a scale of 0 would lose the sub-block
         return d * sc, torch.full_like(sc, spec.zero)
+
+    def fit_weighted(self, w: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fit_span`` by weighted error: w [N, span], importance h [span] or [N, span] -> ([N, J], [N, J]).
+
+        Each weight counts h·sqrt(σ² + w²) (σ² = 2·mean w² over the row's span), as in llama.cpp's
+        imatrix quantizers. Each block's (sub-block's) scale, and min, minimise Σ h (w − Q(w))² over
+        llama.cpp's candidates (``_best_scale``, ``_best_scale_min``: make_qx_quants / make_qkx3_quants),
+        and a k-quant's super-block scale d (and dmin) then minimises the same error of the whole
+        super-block with its sub-block scales rounded to sc_j (the mins at first unrounded). Blocks whose
+        h is all 0 are weighted uniformly. The result is on the same stored grid as the plain fit."""
+        spec, n = self.spec, w.shape[0]
+        x = w.reshape(n, -1, spec.sub)
+        sigma2 = 2 * w.square().mean(1, keepdim=True)
+        h = (importance.float().expand(w.shape) * (sigma2 + w.square()).sqrt()).reshape(x.shape)
+        h = torch.where(h.sum(-1, keepdim=True) > 0, h, torch.ones_like(h))
+        stored = spec.scale_bits == 0  # one fp16 scale (and min) per block
+        if spec.offset:
+            s, m = _best_scale_min(x, h, self.maxq, clamp_min=not stored, stored=stored)
+            if stored:
+                return s, m
+            top, sw = 2**spec.scale_bits - 1, h.sum(-1)
+
+            def with_scale(d: torch.Tensor) -> torch.Tensor:
+                return d[:, None] * _codes(s, d, 1, top)
+
+            d = _best_scale(s, sw, 1, top, top, _fp16,
+                            lambda d: _offset_error(x, h, with_scale(d), m, self.maxq).sum(-1))
+            s = with_scale(d)
+
+            def with_min(d: torch.Tensor) -> torch.Tensor:
+                return -(d[:, None] * _codes(-m, d, 0, top))
+
+            dmin = _best_scale(-m, sw, 0, top, top, _fp16_keep_zero,
+                               lambda d: _offset_error(x, h, s, with_min(d), self.maxq).sum(-1))
+            return s, with_min(dmin)
+        lo, hi = -spec.zero, self.maxq - spec.zero
+        s = _best_scale(x, h, lo, hi, lo, _fp16 if stored else (lambda v: v), lambda s: _sym_error(x, h, s, lo, hi))
+        if not stored:
+            top, sw = 2 ** (spec.scale_bits - 1), h.sum(-1)
+
+            def with_scale(d: torch.Tensor) -> torch.Tensor:
+                ratio = s / d[:, None]
+                sc = ratio.round().clamp(-top, top - 1)
+                return d[:, None] * torch.where(sc == 0, torch.where(ratio >= 0, 1.0, -1.0), sc)  # no sub-block lost
+
+            d = _best_scale(s, sw, -top, top - 1, -top, _fp16,
+                            lambda d: _sym_error(x, h, with_scale(d), lo, hi).sum(-1))
+            s = with_scale(d)
+        return s, torch.full_like(s, spec.zero)
 
     def fit(self, w: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """One block per row of w [M, span]: ([M], [M]) for one-scale types (the Grid interface)."""
