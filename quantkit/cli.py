@@ -142,13 +142,13 @@ def quantize(model, output_dir, recipe_file, preset, fmt, calibration, chat_temp
         "bits": recipe.bits,
         "group_size": recipe.group_size,
         "method": recipe.method,
-        "format": recipe.export_format,
+        "format": result.manifest["format"],
         "metrics": result.manifest.get("metrics", {}),
     }
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(f"wrote {result.output} ({recipe.export_format}) in {result.seconds:.1f}s")
+        click.echo(f"wrote {result.output} ({result.manifest['format']}) in {result.seconds:.1f}s")
         held_out = "c4" if calibration == "wiki" else "wiki"
         click.echo(f"next: quantkit eval {result.output} --dataset {held_out} --seqlen 512   ·   quantkit inspect "
                    f"{result.output}   ·   serving snippets in {result.output / 'README.md'}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -189,8 +189,11 @@ def run(
             if calibration_info:
                 log(f"calibration: {calibration} ({calibration_info['text_tokens']} tokens of text), "
                     f"{tokens.shape[0]} windows × {recipe.seqlen} tokens, seed {recipe.seed}")
-        if recipe.format == "auto" and world.is_main:
-            log("--format auto chose {}: {}".format(*formats.choose(recipe)))
+        if recipe.format == "auto":  # concrete from here on: the choice may depend on the model (MoE)
+            fmt, why = formats.choose(recipe, moe=adapter.moe is not None)
+            recipe = replace(recipe, format=fmt)
+            if world.is_main:
+                log(f"--format auto chose {fmt}: {why}")
         if folder is None:
             stream_layers(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world, verbose=verbose)
             return Run(model, None, time.perf_counter() - started)

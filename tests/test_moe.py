@@ -91,6 +91,18 @@ def test_streaming_run_writes_the_in_memory_runs_export(tiny_moe, calib_text, tm
     assert export_files(tmp_path / "streamed") == export_files(tmp_path / "memory")
 
 
+def test_format_auto_exports_moe_as_compressed_tensors(tiny_moe, calib_text, tmp_path):
+    """--format auto picks gptq for a dense W4 sym recipe but compressed-tensors for an MoE model
+    (transformers' GPTQ path leaves fused experts unloaded: test_transformers_gptq_leaves_moe_experts_unloaded)."""
+    r = CliRunner().invoke(cli, ["quantize", str(tiny_moe("mixtral")), str(tmp_path / "q"), "--calibration", str(calib_text),
+                                 "--nsamples", "4", "--seqlen", "64", "--group-size", "64", "--method", "rtn", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["format"] == "compressed-tensors"
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert Recipe(group_size=64).export_format == "gptq"  # the same recipe on a dense model
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
 def test_transformers_loads_the_compressed_tensors_export(tiny_moe, calib_text, tmp_path, model_type):
     """transformers (5.25 + compressed-tensors 0.19) merges our per-expert tensors into its fused

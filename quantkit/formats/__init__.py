@@ -26,11 +26,16 @@ from quantkit.recipe import Recipe
 FORMATS = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors, "gguf": gguf}
 
 
-def choose(recipe: Recipe) -> tuple[str, str]:
+def choose(recipe: Recipe, moe: bool = False) -> tuple[str, str]:
     """(format, why) of a recipe; for --format auto from what the interop and vLLM tests prove
-    (README's serving table): GPTQ v1 where every loader serves it, compressed-tensors for the rest."""
+    (README's serving table): GPTQ v1 where every loader serves it, compressed-tensors for the rest
+    and for mixture-of-experts models (``moe``)."""
     if recipe.format != "auto":
         return recipe.format, "chosen with --format"
+    if moe:
+        return "compressed-tensors", ("a mixture-of-experts model: transformers' GPTQ path replaces nn.Linear modules only, "
+                                      "so it leaves fused experts unloaded; compressed-tensors MoE exports load in "
+                                      "transformers and vLLM (CompressedTensorsWNA16MoEMethod)")
     if recipe.sym and recipe.bits in gptq.SERVED_BITS:
         where = "CPU and CUDA" if recipe.bits == 4 else "CUDA only: its CPU kernels are 4-bit"
         return "gptq", (f"symmetric {recipe.bits}-bit GPTQ v1 loads in transformers (gptqmodel), GPTQModel and vLLM "
