@@ -29,7 +29,7 @@ NEEDS = frozenset({HESSIAN, ABSMEAN, QK, INPUTS, FP_OUTPUTS, GRADIENTS})
 # "importance" ImportanceBatch -> raw scores [b, L] (entry None: every token weighs 1);
 # "solver"     scope "stack": (W [N, K], H | None, recipe, grid, where) -> (QuantizedWeight, loss | None),
 #              scope "layer": LayerContext -> {Linear name: QuantizedWeight} (block-wise methods);
-# "transform"  ``prepare``: (model, adapter, recipe) -> state, before the calibration inputs are captured;
+# "transform"  scope "model": (model, adapter, recipe) -> state, before the calibration inputs are captured;
 #              scope "layer": (LayerContext, state) -> notes, on the FP layer before its statistics;
 #              scope "group": (GroupContext, state) -> notes, on a true-sequential group between its
 #              statistics pass and its solves (the statistics it asked for in GroupContext.stats).

@@ -34,8 +34,8 @@ class LayerContext:
 
     ``adapter``: as the dense walk sees this layer (``Adapter.for_layer``: an MoE layer's experts
     are the MoE stage's); ``full_adapter``: the model's. ``inputs``: None when the recipe needs no
-    calibration. ``importance``: r_t [b, L] per batch (None: every token weighs 1), set by the
-    importance stage or, for a q/k importance, by the first group's statistics pass; ``fp_outputs``: the layer's outputs before any solve, [b, L, C] per batch,
+    calibration. ``importance``: r_t [b, L] per batch (None: every token weighs 1), set once the
+    importance stage ran; ``fp_outputs``: the layer's outputs before any solve, [b, L, C] per batch,
     set when a method needs them. ``dtype``: the checkpoint's dtype of the layer; ``world``: the
     data-parallel processes."""
 
