@@ -183,32 +183,3 @@ def test_a_block_wise_method_refuses_moe_layers(tiny_moe, block_wise):
     for recipe, name in ((Recipe(method="lsq-down"), "solver lsq-down"), (Recipe(importance="actdiff"), "importance actdiff")):
         with pytest.raises(QuantkitError, match=f"layer 0 is a mixture of experts: {name} needs the whole FP layer"):
             list(walk_layers(model, adapter, tokens, recipe, torch.device("cpu"), show_progress=False))
-
-
-@pytest.mark.parametrize("grid", ["asym-v1", "sym", "Q4_1"])
-def test_a_row_scale_folds_into_a_solved_linear_through_its_group_scales(grid):
-    """down_proj's AWQ scale divides up_proj's rows after up_proj is solved: each row's group scales
-    (and llama.cpp mins) divide by s_o, rounded to fp16 as stored; codes and integer zero points
-    (GPTQ v1's too) stay; exact for powers of two, within fp16 rounding otherwise."""
-    from quantkit.algos.quantizer import BlockGrid, Grid, round_to_nearest
-    from quantkit.walk.layer import rescalable, rescale_rows
-
-    g = {"asym-v1": Grid(4, 32, False, min_zero=1), "sym": Grid(3, 32, True), "Q4_1": BlockGrid("Q4_1")}[grid]
-    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
-    q = round_to_nearest(w, g)
-    assert rescalable(g, 128)
-    for s, exact in ((2.0 ** torch.randint(-3, 4, (16,), generator=torch.Generator().manual_seed(1)), True),
-                     (torch.rand(16, generator=torch.Generator().manual_seed(2)) + 0.5, False)):
-        r = rescale_rows(q, s)
-        assert torch.equal(r.codes, q.codes) and (q.offset or torch.equal(r.zeros, q.zeros))
-        assert torch.equal(r.scales, r.scales.half().float())  # stored as fp16
-        expected = q.dequantize() / s[:, None]
-        if exact:
-            assert torch.equal(r.dequantize(), expected)
-        else:
-            # each stored value moves by ≤ 2⁻¹¹ relative: |Δw| ≤ 2⁻¹¹ (|s·q| + |m|) (mins) or 2⁻¹¹ |w|
-            scale, zero = r.scales[:, r.g_idx.long()], r.zeros[:, r.g_idx.long()]
-            bound = 2**-11 * ((scale * r.codes.float()).abs() + zero.abs() if q.offset else expected.abs()) * 1.01
-            assert ((r.dequantize() - expected).abs() <= bound + 1e-7).all()
-            assert not torch.equal(r.dequantize(), expected)  # the fp16 rounding is real
-    assert not rescalable(BlockGrid("Q4_K"), 256)  # d·sc_j: one fp16 d per super-block
