@@ -29,7 +29,6 @@ from pathlib import Path
 from common import RESULTS, eval_ppl, quantkit, require_data, save, timed
 
 RECIPES = {
-    "default": [],  # quantkit's defaults: GPTQ + AWQ + attncon (length-invariant)
     "rtn": ["--method", "rtn"],
     # built on --preset gptq (uniform importance, no AWQ) so that each name means the same whatever the defaults;
     # attncon names without "+li" are the authors' fixed range [0.005, 1], as in every run recorded before issue 19

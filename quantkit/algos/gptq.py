@@ -64,12 +64,6 @@ class Hessian:
     def value(self) -> torch.Tensor:
         return (self.sum * (2.0 / max(self.tokens, 1))).float()
 
-    def scale_inputs(self, d: torch.Tensor) -> None:
-        """Become the Hessian of the inputs x' = D x, D = diag(d) [K]: Σ r x' x'ᵀ = D (Σ r x xᵀ) D
-        (in float64), e.g. after AWQ folded 1/s into the op writing x (d = 1/s)."""
-        d = d.to(self.sum.device, torch.float64)
-        self.sum.mul_(d[:, None]).mul_(d[None, :])
-
 
 @dataclass
 class GPTQResult:

@@ -30,11 +30,9 @@ NEEDS = frozenset({HESSIAN, ABSMEAN, QK, INPUTS, FP_OUTPUTS, GRADIENTS})
 # "solver"     scope "stack": (W [N, K], H | None, recipe, grid, where) -> (QuantizedWeight, loss | None),
 #              scope "layer": LayerContext -> {Linear name: QuantizedWeight} (block-wise methods);
 # "transform"  scope "model": (model, adapter, recipe) -> state, before the calibration inputs are captured;
-#              scope "layer": (LayerContext, state) -> notes, on the FP layer before its statistics;
-#              scope "group": (GroupContext, state) -> notes, on a true-sequential group between its
-#              statistics pass and its solves (the statistics it asked for in GroupContext.stats).
+#              scope "layer": (LayerContext, state) -> notes, on the FP layer before its solves.
 KINDS = ("importance", "solver", "transform")
-SCOPES = {"importance": ("batch",), "solver": ("stack", "layer"), "transform": ("layer", "group")}
+SCOPES = {"importance": ("batch",), "solver": ("stack", "layer"), "transform": ("layer",)}
 
 
 @dataclass(frozen=True)
@@ -151,6 +149,6 @@ register(Method("transform", "rotate", "Hadamard rotation", "residual R1 and per
                 entry="quantkit.methods.rotate:rotate_layer", prepare="quantkit.methods.rotate:prepare_rotation",
                 flags=("rotate",)))
 register(Method("transform", "awq", "AWQ scales", "per-channel scales s = mean|x|^α, folded into the previous op",
-                frozenset({HESSIAN, ABSMEAN}), scope="group", entry="quantkit.methods.awq:awq_scales", flags=("awq",)))
+                frozenset({HESSIAN, ABSMEAN}), scope="layer", entry="quantkit.methods.awq:awq_scales", flags=("awq",)))
 register(Method("transform", "awq-clip", "AWQ clip", "per-group range shrink minimising the output error",
-                frozenset({HESSIAN}), scope="group", entry="quantkit.methods.awq:awq_clip", flags=("awq", "awq_clip")))
+                frozenset({HESSIAN}), scope="layer", entry="quantkit.methods.awq:awq_clip", flags=("awq", "awq_clip")))

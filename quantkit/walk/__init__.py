@@ -2,10 +2,9 @@
 (quantkit.methods) and offers them what their table entries ask for. It knows no method by name.
 
 model-level transforms (rotation) → capture the first decoder layer's inputs → for each layer:
-  onload/check → layer transforms (rotate) → [FP outputs] → [importance, unless the first
-  statistics pass computes it] → solve: per true-sequential group one statistics pass (Hessians,
-  mean |x|, the q/k importance in the first), the group's transforms (AWQ scales, clip), then each
-  stack of Linears sharing an input (or the whole layer for a block-wise solver) → MoE block →
+  onload/check → transforms that need no statistics (rotate) → [FP outputs] → importance →
+  transforms on statistics (AWQ scales, clip) → solve (per true-sequential group: statistics, then
+  each stack of Linears sharing an input; or the whole layer for a block-wise solver) → MoE block →
   propagate (the next layer's inputs, from the quantized layer) → offload.
 Peak device memory is one layer plus the calibration activations.
 """
@@ -33,15 +32,13 @@ from quantkit.recipe import Recipe
 from quantkit.walk.capture import (
     BlockReuse,
     LayerInputs,
-    QKScore,
     activation_storage,
     capture_inputs,
     capture_qk,
     check_finite,
-    input_statistics,
     layer_outputs,
 )
-from quantkit.walk.layer import GroupContext, ImportanceBatch, LayerContext, compact
+from quantkit.walk.layer import ImportanceBatch, LayerContext, compact
 from quantkit.walk.moe import restored_moe_outputs, solve_moe_block
 
 
@@ -91,16 +88,17 @@ def walk_layers(
             if adapter.moe_block(layer) is not None:
                 check_moe_plan(plan, i)
             ctx = check_layer(i, layer, adapter, recipe, dtype, inputs, world, device, weights)
-            transform(ctx, [m for m in plan.transforms if m.scope == "layer"], states, progress)
-            _round_unquantized(layer, ctx.adapter, dtype)
+            transform(ctx, [m for m in plan.transforms if not m.needs], states, progress)
             if inputs is not None and plan.needs(methods.FP_OUTPUTS):
                 progress.stage(i, "FP outputs")
                 ctx.fp_outputs = layer_outputs(layer, inputs)
-            if inputs is not None and not importance_in_first_pass(plan):
+            if inputs is not None:
                 progress.stage(i, "importance")
                 ctx.importance = token_importance(ctx, plan.importance)
+            transform(ctx, [m for m in plan.transforms if m.needs], states, progress)
+            _round_unquantized(layer, ctx.adapter, dtype)
             reuse = BlockReuse(layer, ctx.adapter, inputs.storage) if inputs is not None else None
-            results = solve(ctx, plan, states, reuse, progress)
+            results = solve(ctx, plan.solver, reuse, progress)
             if ctx.bank is not None:
                 results.update(solve_moe_block(ctx, plan.solver, reuse, progress, len(layers), device, experts_sink))
             if inputs is not None:
@@ -168,60 +166,37 @@ def check_moe_plan(plan: methods.Plan, i: int) -> None:
                             "does not run for MoE layers; choose another method")
 
 
-def transform(ctx: LayerContext | GroupContext, transforms: list[methods.Method], states: dict,
-              progress: LayerProgress) -> None:
-    """Run layer (or group) transforms in order, each with its model-level state (if it has one)."""
-    index = ctx.index if isinstance(ctx, LayerContext) else ctx.layer.index
+def transform(ctx: LayerContext, transforms: list[methods.Method], states: dict, progress: LayerProgress) -> None:
+    """Run layer transforms in order, each with its model-level state (if it has one)."""
     for method in transforms:
-        progress.stage(index, method.name)
+        progress.stage(ctx.index, method.name)
         notes = method.load()(ctx, states.get(method.name))
         if notes:
-            progress.note(index, progress.total, f"{method.name} " + ", ".join(notes))
-
-
-def _group_statistics(plan: methods.Plan) -> bool:
-    """Whether each true-sequential group gets a statistics pass (for the solver or a group transform)."""
-    return methods.HESSIAN in plan.solver.needs or any(m.scope == "group" for m in plan.transforms)
-
-
-def importance_in_first_pass(plan: methods.Plan) -> bool:
-    """An importance from post-RoPE q/k is computed inside the first group's (q/k/v's) statistics
-    pass, which reaches the attention function anyway: no forward of its own."""
-    return methods.QK in plan.importance.needs and plan.solver.scope == "stack" and _group_statistics(plan)
-
-
-def _importance_batch(ctx: LayerContext, method: methods.Method, b: int, x: torch.Tensor, qk=None) -> ImportanceBatch:
-    batch = ImportanceBatch(x, qk)
-    if methods.FP_OUTPUTS in method.needs:
-        batch.fp_output = ctx.fp_outputs[b].to(ctx.inputs.device)
-    return batch
+            progress.note(ctx.index, progress.total, f"{method.name} " + ", ".join(notes))
 
 
 def token_importance(ctx: LayerContext, method: methods.Method) -> list[torch.Tensor] | None:
     """Importance weights [b, L] per batch (mean 1 per sample), from this layer's view of its
-    inputs (a forward up to the attention function if it needs q/k); None when the strategy
-    weighs every token by 1."""
+    inputs; None when the strategy weighs every token by 1."""
     if method.entry is None:
         return None
     score, inputs, raw = method.load(), ctx.inputs, []
     for b, x in enumerate(inputs.batches()):
-        qk = capture_qk(ctx.layer, ctx.adapter, x, inputs.kwargs) if methods.QK in method.needs else None
-        raw.append(score(_importance_batch(ctx, method, b, x, qk)))
+        batch = ImportanceBatch(x)
+        if methods.QK in method.needs:
+            batch.qk = capture_qk(ctx.layer, ctx.adapter, x, inputs.kwargs)
+        if methods.FP_OUTPUTS in method.needs:
+            batch.fp_output = ctx.fp_outputs[b].to(inputs.device)
+        raw.append(score(batch))
     return token_weights(raw, ctx.recipe, inputs.device)
 
 
-def solve(ctx: LayerContext, plan: methods.Plan, states: dict, reuse: BlockReuse | None,
-          progress: LayerProgress) -> dict[str, QuantizedWeight]:
+def solve(ctx: LayerContext, solver: methods.Method, reuse: BlockReuse | None, progress: LayerProgress) -> dict[str, QuantizedWeight]:
     """Solve the layer's dense Linears: a block-wise solver on the whole layer at once (with autograd
     when it asks for gradients); a stack solver group by group in true-sequential order, each group
-    after one statistics pass over inputs that already carry the earlier groups' quantization
-    (Hessians, mean |x| and, in the first pass, a q/k importance) and its group transforms (AWQ)."""
-    solver, n = plan.solver, progress.total
-    group_transforms = [m for m in plan.transforms if m.scope == "group"]
+    on statistics of inputs that already carry the earlier groups' quantization."""
+    n = progress.total
     if solver.scope == "layer":
-        if group_transforms:
-            raise QuantkitError(f"--method {solver.name} solves the whole layer at once: "
-                                f"{', '.join(m.name for m in group_transforms)} cannot run between its groups")
         started = time.perf_counter()
         with torch.enable_grad() if methods.GRADIENTS in solver.needs else nullcontext():
             solved = solver.load()(ctx)
@@ -231,31 +206,21 @@ def solve(ctx: LayerContext, plan: methods.Plan, states: dict, reuse: BlockReuse
         progress.module(ctx.index, n, "layer", time.perf_counter() - started, None)
         return results
     solve_stack, results = solver.load(), {}
-    in_pass = importance_in_first_pass(plan) and ctx.importance is None
     for group in ctx.adapter.sequential:
         modules = {name: ctx.layer.get_submodule(name) for name in group}
         owners = ctx.adapter.input_owners(modules)
-        stats = {}
-        if _group_statistics(plan):
-            progress.stage(ctx.index, "statistics " + "/".join(n.split(".")[-1] for n in group))
-            qk = None
-            if in_pass:
-                score = plan.importance.load()
-                qk = QKScore(ctx.adapter, lambda b, x, qk: token_weights(
-                    [score(_importance_batch(ctx, plan.importance, b, x, qk))], ctx.recipe, ctx.inputs.device)[0])
-            stats, importance = input_statistics(ctx.layer, modules, ctx.inputs, ctx.importance, owners, reuse, qk)
-            if in_pass:
-                ctx.importance, in_pass = importance, False
-        transform(GroupContext(ctx, tuple(group), stats, results, reuse), group_transforms, states, progress)
+        hessians = {}
+        if methods.HESSIAN in solver.needs:
+            progress.stage(ctx.index, "hessians " + "/".join(n.split(".")[-1] for n in group))
+            hessians = {name: s.hessian for name, s in ctx.statistics(modules, owners, reuse).items()}
         for j, names in enumerate(_stacks(owners)):
             started = time.perf_counter()
             label = names[0] + "".join("/" + n.rsplit(".", 1)[-1] for n in names[1:])
             rows = [modules[name].weight.data for name in names]
             weight = torch.cat(rows) if len(rows) > 1 else rows[0]  # a lone Linear: no copy
-            hessian = stats[names[0]].hessian if methods.HESSIAN in solver.needs else None
             q, loss = None, None
             if ctx.world.owns(j):
-                q, loss = solve_stack(weight, hessian, ctx.recipe, ctx.grid, f"layer {ctx.index} {label}")
+                q, loss = solve_stack(weight, hessians.get(names[0]), ctx.recipe, ctx.grid, f"layer {ctx.index} {label}")
             q, loss = ctx.world.share(j % ctx.world.size, q, loss, weight)
             _install(ctx, names, q, results)
             progress.module(ctx.index, n, label, time.perf_counter() - started, loss)

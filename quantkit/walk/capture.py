@@ -141,11 +141,6 @@ class BlockReuse:
         if name in self.blocks:
             self.recording.setdefault(name, []).append(x.to(self.storage))
 
-    def forget(self, name: str) -> None:
-        """Linear ``name``'s recorded input is stale (an op before it changed): its block runs again."""
-        self.recorded.pop(name, None)
-        self.recording.pop(name, None)
-
     def pass_done(self) -> None:
         """Every batch has been through: what was recorded in this pass can be reused from now on."""
         self.recorded.update(self.recording)
@@ -201,84 +196,53 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
 AttentionInterface.register("quantkit_capture", _capture_attention)
 
 
-def _pop_qk(layer: nn.Module, adapter: Adapter):
-    attn = adapter.attention(layer)
-    q, k, mask, scaling = attn.__dict__.pop("_quantkit_qk")
-    return q, k, mask, scaling if scaling is not None else attn.scaling
-
-
 def capture_qk(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict):
     """Run ``layer`` on x up to its attention function: (q [b, Hq, L, D], k [b, Hkv, L, D] post-RoPE,
     the attention mask or None, the softmax scaling)."""
+    attn = adapter.attention(layer)
     with adapter.attention_function(layer, "quantkit_capture"):
         try:
             layer(x, **kwargs)
         except _Captured:
             pass
-    return _pop_qk(layer, adapter)
-
-
-@dataclass
-class QKScore:
-    """Importance computed inside a statistics pass, from the q/k that pass's own forward reaches:
-    ``score(b, x, qk)`` → weights r [b, L] of batch b (x: the layer's inputs [b, L, C], qk as
-    ``capture_qk`` returns it). The pass then stops at the attention function, so its Linears must
-    all read their inputs before it (the q/k/v group)."""
-
-    adapter: Adapter
-    score: Callable
+    q, k, mask, scaling = attn.__dict__.pop("_quantkit_qk")
+    return q, k, mask, scaling if scaling is not None else attn.scaling
 
 
 def observe_inputs(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs, importance,
-                   record: Callable, reuse: BlockReuse | None = None, qk: QKScore | None = None) -> list | None:
+                   record: Callable, reuse: BlockReuse | None = None) -> None:
     """Call ``record(name, x [T, C], r [T] | None)`` with what each of ``modules`` reads, batch by
     batch; each forward stops as soon as every module has seen its input. ``reuse``: finished
-    blocks are not recomputed, and the inputs of blocks' last Linears are kept for later forwards.
-    ``qk``: ``importance`` is not known yet but comes from this pass (``QKScore``): each batch's
-    records wait for its r. Returns the importance per batch (``importance`` when it was given)."""
+    blocks are not recomputed, and the inputs of blocks' last Linears are kept for later forwards."""
     seen: set[str] = set()
-    current, pending = {}, []
+    current = {}
 
     def make_hook(name):
         def hook(_module, args):
             if reuse is not None:
                 reuse.record(name, args[0])
-            x = args[0].reshape(-1, args[0].shape[-1])
-            if qk is not None:
-                pending.append((name, x))
-            else:
-                record(name, x, current["r"])
+            record(name, args[0].reshape(-1, args[0].shape[-1]), current["r"])
             seen.add(name)
-            if len(seen) == len(modules) and qk is None:
+            if len(seen) == len(modules):
                 raise _Captured
 
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in modules.items()]
-    weights = []
     try:
-        with qk.adapter.attention_function(layer, "quantkit_capture") if qk is not None else nullcontext():
-            for b, x in enumerate(inputs.batches()):
-                current["r"] = None if importance is None else importance[b].reshape(-1)
-                seen.clear()
-                try:
-                    with reusing(reuse, b, inputs.device):
-                        layer(x, **inputs.kwargs)
-                except _Captured:
-                    pass
-                if qk is not None:
-                    if len(seen) != len(modules):
-                        raise RuntimeError(f"{sorted(set(modules) - seen)} read their inputs after the attention function")
-                    weights.append(qk.score(b, x, _pop_qk(layer, qk.adapter)))
-                    for name, x_ in pending:
-                        record(name, x_, weights[-1].reshape(-1))
-                    pending.clear()
+        for b, x in enumerate(inputs.batches()):
+            current["r"] = None if importance is None else importance[b].reshape(-1)
+            seen.clear()
+            try:
+                with reusing(reuse, b, inputs.device):
+                    layer(x, **inputs.kwargs)
+            except _Captured:
+                pass
         if reuse is not None:
             reuse.pass_done()
     finally:
         for h in handles:
             h.remove()
-    return weights if qk is not None else importance
 
 
 def combined(h: Hessian, world: World) -> Hessian:
@@ -289,13 +253,11 @@ def combined(h: Hessian, world: World) -> Hessian:
 
 
 def input_statistics(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs, importance,
-                     owners: dict[str, str] | None = None, reuse: BlockReuse | None = None,
-                     qk: QKScore | None = None) -> tuple[dict[str, InputStats], list | None]:
+                     owners: dict[str, str] | None = None, reuse: BlockReuse | None = None) -> dict[str, InputStats]:
     """Accumulate each module's input statistics over all calibration batches, combined over ranks
     (float64 sums of per-batch float32 partials: independent of how batches are split).
     ``owners`` ({name: module reading the same input}, Adapter.input_owners): modules that share an
-    input share one InputStats, accumulated once. ``qk``: the importance comes from this pass (see
-    ``observe_inputs``). Returns (stats, the importance per batch)."""
+    input share one InputStats, accumulated once."""
     owners = owners or {name: name for name in modules}
     observed = {name: m for name, m in modules.items() if owners[name] == name}
     hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in observed.items()}
@@ -305,10 +267,10 @@ def input_statistics(layer: nn.Module, modules: dict[str, nn.Module], inputs: La
         hessians[name].add_batch(x, r)
         sums[name] += x.float().abs().sum(0)
 
-    importance = observe_inputs(layer, observed, inputs, importance, record, reuse, qk)
+    observe_inputs(layer, observed, inputs, importance, record, reuse)
     stats = {}
     for name, h in hessians.items():
         combined(h, inputs.world)
         inputs.world.sum_(sums[name])
         stats[name] = InputStats((sums[name] / max(h.tokens, 1)).float(), h)
-    return {name: stats[owners[name]] for name in modules}, importance
+    return {name: stats[owners[name]] for name in modules}
