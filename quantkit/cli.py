@@ -180,7 +180,7 @@ def resolve_recipe(model: str, recipe_file: Path | None, preset: str | None, fmt
         values.setdefault("format", "gguf")
     Recipe.from_dict(values)  # refuse bad flags before anything else is said
     config = preflight.local_config(model)
-    if config is None and not Path(model).exists() and model.count("/") == 1:  # a hub id: transformers fetches config.json
+    if config is None and preflight.is_hub_id(model):  # a hub id: transformers fetches config.json
         from quantkit.model import load_config
 
         config = load_config(model, trust_remote_code).to_dict()

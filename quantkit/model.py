@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.preflight import is_hub_id
 
 @dataclass(frozen=True)
 class Adapter:
@@ -215,10 +216,6 @@ def adapter_for(config) -> Adapter:
         )
     return ADAPTERS[model_type]
 
-
-def is_hub_id(source: str) -> bool:
-    """'org/name' that is not a local path: transformers resolves it on the Hub."""
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
 
 
 def outer_names(names, adapter: Adapter, config) -> list[str]:

@@ -53,6 +53,11 @@ def _parse(text: str, suffix: str):
         raise ValueError(str(e)) from None
 
 
+def is_hub_id(source: str) -> bool:
+    """'org/name' that is not a local path: transformers resolves it on the Hub."""
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
+
+
 def local_config(source: str) -> dict | None:
     """config.json of a local model folder (None for a hub id or a folder without one)."""
     path = Path(source) / "config.json"

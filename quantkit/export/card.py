@@ -9,7 +9,7 @@ from quantkit import methods
 from quantkit.calibration import NAMED_SETS
 from quantkit.algos.importance import REFERENCE_LENGTH, length_invariant_floor
 from quantkit.formats import FORMATS
-from quantkit.model import is_hub_id
+from quantkit.preflight import is_hub_id
 from quantkit.moe import coverage_table
 from quantkit.recipe import Recipe
 
@@ -25,7 +25,7 @@ def base_model(manifest: dict, source: str) -> str | None:
 def recipe_label(recipe: Recipe) -> str:
     """The recipe in one line, every choice that changes the weights: 'GPTQ + AWQ, attention-concentration
     importance [0.005, 1], W4 g64 sym'."""
-    method = recipe.method.upper() + (" + AWQ" if recipe.awq else "") + (" + Hadamard rotation" if recipe.rotate else "")
+    method = methods.label("solver", recipe.method) + (" + AWQ" if recipe.awq else "") + (" + Hadamard rotation" if recipe.rotate else "")
     parts = [method]
     if recipe.needs_calibration and recipe.importance != "uniform":
         parts.append(f"{methods.label('importance', recipe.importance)} importance [{recipe.importance_min:g}, {recipe.importance_max:g}]")
@@ -42,10 +42,9 @@ def recipe_steps(recipe: Recipe) -> list[str]:
                      f"[{recipe.importance_min:g}, {recipe.importance_max:g}]")
     if recipe.awq:
         steps.append("AWQ scales" + " + duo" * recipe.awq_duo + " + clip" * recipe.awq_clip)
-    if recipe.method == "gptq":
-        steps.append(f"GPTQ ({'act-order, ' if recipe.act_order else ''}damp {recipe.damp:g})")
-    else:
-        steps.append("RTN")
+    solver = methods.get("solver", recipe.method)
+    damped = f" ({'act-order, ' if recipe.act_order else ''}damp {recipe.damp:g})" if "damp" in solver.settings else ""
+    steps.append(solver.label + damped)
     return steps + [f"export {recipe.export_format}"]
 
 
@@ -53,8 +52,7 @@ def used_settings(recipe: Recipe) -> dict:
     """The recipe fields that took part in this recipe (RTN has no damping, calibration or act-order)."""
     r = recipe.to_dict()
     keys = ["bits", "group_size", "sym", "method"]
-    if recipe.method == "gptq":
-        keys += ["damp", "block_size", "act_order"]
+    keys += methods.get("solver", recipe.method).settings
     if recipe.needs_calibration:
         keys += ["nsamples", "seqlen", "seed", "expand", "importance"]
         if recipe.importance != "uniform":
@@ -116,7 +114,7 @@ def model_card(config: dict, recipe: Recipe, manifest: dict) -> str:
         "",
         f"# {name.split('/')[-1]} — {recipe.bits}-bit {fmt}",
         "",
-        f"`{name}` quantized by quantkit {manifest.get('quantkit_version', '')} with {recipe.method.upper()}"
+        f"`{name}` quantized by quantkit {manifest.get('quantkit_version', '')} with {methods.label('solver', recipe.method)}"
         f"{' + AWQ' if recipe.awq else ''} ({scheme}{', Hadamard-rotated' if recipe.rotate else ''}{', MSE-searched ranges' if recipe.clip_search else ''}), stored in the **{fmt}** format "
         f"(`quant_method: {config.get('quantization_config', {}).get('quant_method', fmt)}` in config.json).",
         "",

@@ -41,7 +41,7 @@ class Method:
 
     ``entry``/``prepare``: "module:function" implementing it (``prepare``: a transform's model-level
     step, run once before calibration). ``flags``: the recipe's bool fields that enable a transform
-    (all must be true). ``shares``: an importance whose raw scores are attention shares (each query
+    (all must be true). ``settings``: the other recipe fields it reads (the model card lists them). ``shares``: an importance whose raw scores are attention shares (each query
     hands out 1), the only kind a length-invariant floor applies to."""
 
     kind: str
@@ -53,6 +53,7 @@ class Method:
     entry: str | None = None
     prepare: str | None = None
     flags: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()
     shares: bool = False
 
     def __post_init__(self) -> None:
@@ -143,7 +144,7 @@ register(Method("importance", "actdiff", "activation-difference", "‖y_t − x_
 _S = "quantkit.methods.solvers:"
 register(Method("solver", "rtn", "RTN", "round to nearest", scope="stack", entry=_S + "rtn_stack"))
 register(Method("solver", "gptq", "GPTQ", "column-by-column rounding with error feedback through H⁻¹",
-                frozenset({HESSIAN}), scope="stack", entry=_S + "gptq_stack"))
+                frozenset({HESSIAN}), scope="stack", entry=_S + "gptq_stack", settings=("damp", "block_size", "act_order")))
 
 register(Method("transform", "rotate", "Hadamard rotation", "residual R1 and per-head R2, fused", scope="layer",
                 entry="quantkit.methods.rotate:rotate_layer", prepare="quantkit.methods.rotate:prepare_rotation",
