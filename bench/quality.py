@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--eval-also", nargs="*", default=[], help="more evaluation texts in ../shared/data (ppl_<name> per run)")
     ap.add_argument("--extra", nargs="*", default=[], help='quantize flags added to every run, quoted: --extra "--importance-min 0.1"')
     ap.add_argument("--fp-ppl", type=float, help="FP32 perplexity already measured with these eval settings (skips it)")
+    ap.add_argument("--baseline", choices=sorted(RECIPES),
+                    help="also tabulate each recipe's perplexity ÷ this recipe's, paired by seed, bits, group and length")
     ap.add_argument("--name", default="quality", help="results file bench/results/NAME.json")
     ap.add_argument("--table-only", action="store_true",
                     help="run nothing: tabulate the runs of this grid already in NAME.jsonl (needs --fp-ppl)")
@@ -171,19 +173,32 @@ def main() -> None:
                          text: spread([r[text] for r in same]) for text in ["ppl", *(f"ppl_{k}" for k in others)]},
                      "seconds": round(statistics.median(r["seconds"] for r in same), 1),
                      "peak_rss_mib": max(r["peak_rss_mib"] for r in same)})
+    texts = ["ppl", *(f"ppl_{k}" for k in others)]
+    if args.baseline:
+        for r in rows:
+            pairs = [(run, base) for run in runs for base in runs if base["recipe"] == args.baseline
+                     and run["recipe"] == r["recipe"] and all(run[k] == base[k] == r[k] for k in ("bits", "group_size", "seqlen"))
+                     and run["seed"] == base["seed"]]
+            if pairs:
+                r["vs_baseline"] = {t: spread([run[t] / base[t] for run, base in pairs]) for t in texts}
     sym = "sym" if args.sym else "asym"
     print(f"\nSmolLM2-135M · calibration C4 (windows × seqlen per row) · WikiText-2 test (no blank lines)"
           f"{''.join(', ' + k for k in others)}, first {args.eval_tokens} tokens each, eval seqlen {eval_seqlen} · "
           f"median [min–max] over seeds · {sym}")
-    texts = ["ppl", *(f"ppl_{k}" for k in others)]
     heads = ["WikiText-2", *others]
-    print(f"| recipe | bits | group | calibration | seeds | {' | '.join(heads)} | quantize s | peak RSS MiB |\n"
-          f"|---|---|---|---|---|{'---|' * len(texts)}---|---|")
+    ratio_heads = "".join(f" ÷ {args.baseline}, {h} |" for h in heads) if args.baseline else ""
+    print(f"| recipe | bits | group | calibration | seeds | {' | '.join(heads)} |{ratio_heads} quantize s | peak RSS MiB |\n"
+          f"|---|---|---|---|---|{'---|' * len(texts) * (2 if args.baseline else 1)}---|---|")
     print(f"| FP32 | 32 | – | – | – | {fp:.2f} |" + "".join(f" {fp_others[k]:.2f} |" if k in fp_others else " – |"
-                                                          for k in others) + " – | – |")
+                                                          for k in others) + " – |" * len(ratio_heads and texts)
+          + " – | – |")
     for r in rows:
         group = "channel" if r["group_size"] == -1 else r["group_size"]
         ppl = " | ".join(f"{r[t]['median']:.1f} [{r[t]['min']:.1f}–{r[t]['max']:.1f}]" for t in texts)
+        if args.baseline:
+            vs = r.get("vs_baseline")
+            ppl += "".join(f" | {vs[t]['median']:.3f} [{vs[t]['min']:.3f}–{vs[t]['max']:.3f}]" if vs else " | –"
+                           for t in texts)
         print(f"| {r['recipe']} | {r['bits']} | {group} | {r['nsamples']}×{r['seqlen']} | "
               f"{','.join(map(str, r['seeds']))} | {ppl} | {r['seconds']} | {r['peak_rss_mib']} |")
     print(f"\nwrote {save(args.name, {'args': vars(args), 'fp_ppl': fp, 'fp_ppl_also': fp_others, 'runs': runs, 'rows': rows})}")
