@@ -52,6 +52,8 @@ RECIPES = {
     "gptq+awq+rotate": ["--preset", "gptq", "--awq", "--rotate"],
     "rsq+awq": ["--preset", "rsq", "--awq", "--importance-map", "fixed"],
     "rsq+li+awq": ["--preset", "rsq", "--awq", "--importance-map", "length-invariant"],
+    # the code's default recipe (GPTQ + AWQ + attncon, length-invariant), spelled out so it stays fixed
+    "gptq+awq+li": ["--preset", "gptq", "--awq", "--importance", "attncon", "--importance-map", "length-invariant"],
 }
 
 
