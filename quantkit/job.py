@@ -189,9 +189,10 @@ def run(
             if calibration_info:
                 log(f"calibration: {calibration} ({calibration_info['text_tokens']} tokens of text), "
                     f"{tokens.shape[0]} windows × {recipe.seqlen} tokens, seed {recipe.seed}")
-        if recipe.format == "auto":  # concrete from here on: the choice may depend on the model (MoE)
+        if recipe.format == "auto":
             fmt, why = formats.choose(recipe, moe=adapter.moe is not None)
-            recipe = replace(recipe, format=fmt)
+            if fmt != recipe.export_format:  # the model decided (MoE): the recipe names its format from here on
+                recipe = replace(recipe, format=fmt)
             if world.is_main:
                 log(f"--format auto chose {fmt}: {why}")
         if folder is None:
