@@ -181,6 +181,12 @@ def run(
             if folder is not None and state is None:
                 folder.discard()
             raise
+        if recipe.format == "auto":
+            fmt, why = formats.choose(recipe, moe=adapter.moe is not None)
+            if fmt != recipe.export_format:  # the model decided (MoE): the recipe names its format from here on
+                recipe = replace(recipe, format=fmt)
+            if world.is_main:
+                log(f"--format auto chose {fmt}: {why}")
         if world.is_main:
             parallel = f", {world.size} data-parallel processes" if world.size > 1 else ""
             log(f"quantizing {source} → {out or '(memory)'}: {recipe_label(recipe)}, device {dev}{parallel}")
@@ -189,12 +195,6 @@ def run(
             if calibration_info:
                 log(f"calibration: {calibration} ({calibration_info['text_tokens']} tokens of text), "
                     f"{tokens.shape[0]} windows × {recipe.seqlen} tokens, seed {recipe.seed}")
-        if recipe.format == "auto":
-            fmt, why = formats.choose(recipe, moe=adapter.moe is not None)
-            if fmt != recipe.export_format:  # the model decided (MoE): the recipe names its format from here on
-                recipe = replace(recipe, format=fmt)
-            if world.is_main:
-                log(f"--format auto chose {fmt}: {why}")
         if folder is None:
             stream_layers(model, adapter, recipe, tokens, dev, None, show_progress, offload, weights, world=world, verbose=verbose)
             return Run(model, None, time.perf_counter() - started)

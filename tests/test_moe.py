@@ -98,6 +98,7 @@ def test_format_auto_exports_moe_as_compressed_tensors(tiny_moe, calib_text, tmp
                                  "--nsamples", "4", "--seqlen", "64", "--group-size", "64", "--method", "rtn", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout.strip().splitlines()[-1])["format"] == "compressed-tensors"
+    assert "→ export compressed-tensors" in r.stderr  # the steps the run announces name the format it writes
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert Recipe(group_size=64).export_format == "gptq"  # the same recipe on a dense model
